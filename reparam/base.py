@@ -1,0 +1,282 @@
+"""``RepBlock``: the common base of every re-parameterizable block, and the branch units blocks are built from.
+
+A block pads its input **once** (with its ``padding_mode``) and runs every k x k branch unpadded on that,
+so a 1x1 -> k x k branch sees its 1x1 output padded exactly as the fused conv would see it (bias-padding
+for ``zeros``, reflection for ``reflect``, ...). ``fused_kernel()`` is a composition of
+:mod:`reparam.kernels`; ``fuse()`` turns it into a plain :class:`torch.nn.Conv2d` with the block's
+geometry (stride, dilation, groups, padding and padding_mode all preserved).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import kernels as K
+
+MODES = ("branches", "online")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+__all__ = ["RepBlock", "ConvBN", "MODES", "PADDING_MODES", "bn_kernel", "check_int"]
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate an integer argument, raising ``TypeError``/``ValueError`` that name it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def bn_kernel(kernel: tuple[Tensor, Tensor | None], bn: _BatchNorm | None) -> K.Kernel:
+    """Fold an (eval-mode) BatchNorm module after ``kernel``; no-op when ``bn`` is None."""
+    w, b = kernel
+    if bn is None:
+        return w, K.bias_or_zeros(w, b)
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn: cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    return K.fold_bn(w, b, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def pad_constant(y: Tensor, value: Tensor, pad: int) -> Tensor:
+    """Pad ``y`` spatially by ``pad`` with a per-channel constant ``value`` (``(C,)``)."""
+    if pad == 0:
+        return y
+    v = value.reshape(1, -1, 1, 1)
+    return F.pad(y - v, [pad] * 4) + v
+
+
+class ConvBN(nn.Module):
+    """A conv with an optional BatchNorm after it: one branch of a block.
+
+    The conv itself is never padded (``padding=0``); blocks decide what it runs on.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        bn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias=bias and not bn)
+        self.bn = nn.BatchNorm2d(out_channels) if bn else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return self.bn(y) if self.bn is not None else y
+
+    def kernel(self) -> K.Kernel:
+        """The branch as one conv kernel (BN folded with its running statistics)."""
+        return bn_kernel((self.conv.weight, self.conv.bias), self.bn)
+
+    def forward_padded(self, x: Tensor, pad: int, padding_mode: str) -> Tensor:
+        """``self(x)`` padded by ``pad`` exactly as if the block's input had been padded first.
+
+        Only valid for a pointwise (1x1, stride 1) conv. For ``zeros`` mode the border is the branch's
+        response to a zero pixel (its bias after BN, with the same statistics the interior used: batch
+        statistics in training, running statistics in eval).
+        """
+        y = self.conv(x)
+        bias = K.bias_or_zeros(self.conv.weight, self.conv.bias)
+        if self.bn is not None:
+            bn = self.bn
+            if bn.training or bn.running_mean is None:
+                var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            _, border = K.fold_bn(self.conv.weight, bias, mean, var, bn.weight, bn.bias, bn.eps)
+            y = bn(y)
+        else:
+            border = bias
+        if pad == 0:
+            return y
+        if padding_mode == "zeros":
+            return pad_constant(y, border, pad)
+        return F.pad(y, [pad] * 4, mode=padding_mode)
+
+
+class RepBlock(nn.Module):
+    """Base class of every training-time block that fuses to plain convs.
+
+    Subclasses implement :meth:`forward_branches`, :meth:`fused_kernel` and :meth:`load_kernel`
+    (the inverse used by :meth:`from_conv` / :func:`reparam.repify`).
+
+    ``mode``: ``"branches"`` runs the multi-branch forward; ``"online"`` (blocks without BatchNorm)
+    computes the fused kernel from the parameters and runs a single conv -- same outputs and gradients
+    as the branches at about the cost of one conv.
+    """
+
+    #: Registry name (``reparam.BLOCKS[name]``), set by subclasses.
+    name: ClassVar[str] = ""
+    #: Whether ``in_channels != out_channels`` is allowed.
+    allows_in_ne_out: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        padding: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_int("in_channels", in_channels)
+        self.out_channels = check_int("out_channels", out_channels)
+        self.kernel_size = check_int("kernel_size", kernel_size)
+        self.stride = check_int("stride", stride)
+        self.dilation = check_int("dilation", dilation)
+        self.groups = check_int("groups", groups)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.bias = bias
+        same = dilation * (kernel_size - 1) // 2
+        if kernel_size % 2 == 0:
+            if padding is None:
+                raise ValueError(f"kernel_size={kernel_size} is even: pass an explicit padding (odd kernels are 'same' padded)")
+            raise ValueError(
+                f"kernel_size={kernel_size}: rep blocks merge centred branches and need an odd kernel_size"
+            )
+        if padding is not None and padding != same:
+            raise ValueError(f"padding must be {same} ('same' for kernel_size={kernel_size}, dilation={dilation}), got {padding}")
+        self.padding = same
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if not self.allows_in_ne_out and in_channels != out_channels:
+            raise ValueError(
+                f"{type(self).__name__} needs in_channels == out_channels (got {in_channels} and {out_channels})"
+            )
+        self._mode = "branches"
+
+    # ------------------------------------------------------------------ modes
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, _BatchNorm) for m in self.modules())
+
+    def set_mode(self, mode: str) -> "RepBlock":
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "online" and self.has_batchnorm():
+            raise ValueError(
+                f"mode='online' needs a block without BatchNorm; {type(self).__name__} has BN branches (build it with bn=False)"
+            )
+        self._mode = mode
+        return self
+
+    # -------------------------------------------------------------- forward
+    def pad(self, x: Tensor) -> Tensor:
+        """Pad the block input once, with the block's padding and padding_mode."""
+        p = self.padding
+        if p == 0:
+            return x
+        if self.padding_mode == "zeros":
+            return F.pad(x, [p] * 4)
+        return F.pad(x, [p] * 4, mode=self.padding_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._mode == "online":
+            w, b = self.fused_kernel()
+            return F.conv2d(self.pad(x), w, b, self.stride, 0, self.dilation, self.groups)
+        return self.forward_branches(x)
+
+    def forward_branches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fused_kernel(self) -> K.Kernel:  # pragma: no cover - abstract
+        """``(weight, bias)`` of the single conv equal to the block (eval mode), differentiable."""
+        raise NotImplementedError
+
+    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:  # pragma: no cover - abstract
+        """Set the parameters so that the block computes exactly the conv ``(weight, bias)``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ fuse
+    @property
+    def fused_has_bias(self) -> bool:
+        """Whether the fused conv carries a bias (False only for a bias-free, BN-free block)."""
+        return self.bias or self.has_batchnorm()
+
+    def fuse(self) -> nn.Module:
+        """A plain ``nn.Conv2d`` equal to this block in eval mode (the block itself is untouched)."""
+        with torch.no_grad():
+            w, b = self.fused_kernel()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, bias=self.fused_has_bias, padding_mode=self.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is not None:
+                conv.bias.copy_(b)
+        conv.train(self.training)
+        return conv
+
+    # -------------------------------------------------------------- convert
+    @classmethod
+    def check_convertible(cls, conv: nn.Module) -> None:
+        """Raise ``ValueError`` if ``conv`` cannot be represented by this block type."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        kh, kw = conv.kernel_size
+        sh, sw = conv.stride
+        dh, dw = conv.dilation
+        if kh != kw or sh != sw or dh != dw:
+            raise ValueError("conv: only square kernels, strides and dilations can be converted")
+        if kh % 2 == 0:
+            raise ValueError(f"conv: kernel_size {kh} is even")
+        pad = conv.padding
+        same = dh * (kh - 1) // 2
+        if isinstance(pad, str):
+            if pad != "same" or sh != 1:
+                raise ValueError(f"conv: padding {pad!r} is not 'same' padding")
+        elif tuple(pad) != (same, same):
+            raise ValueError(f"conv: padding {tuple(pad)} is not 'same' padding ({same})")
+        if not cls.allows_in_ne_out and conv.in_channels != conv.out_channels:
+            raise ValueError(f"conv: {cls.__name__} needs in_channels == out_channels")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> "RepBlock":
+        """A block of this type that computes exactly ``conv`` (same dtype and device)."""
+        cls.check_convertible(conv)
+        block = cls(
+            conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size[0], stride=conv.stride[0],
+            dilation=conv.dilation[0], groups=conv.groups, bias=True, padding_mode=conv.padding_mode, **options,
+        )
+        block = block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            block.load_kernel(conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
+        block.train(conv.training)
+        return block
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"mode={self._mode!r}")
+        if self.dilation != 1:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s

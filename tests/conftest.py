@@ -1,0 +1,50 @@
+"""Shared test configuration: hypothesis profiles and the optional real-data fixture."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Deterministic, bounded property tests. CI uses the same profile as a developer run.
+settings.register_profile(
+    "effsr",
+    max_examples=int(os.environ.get("EFFSR_HYPOTHESIS_EXAMPLES", "30")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile("effsr")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def shared_data_dir() -> Path | None:
+    """``$EFFSR_DATA`` or ``../shared/data`` next to the project root, if it exists."""
+    env = os.environ.get("EFFSR_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to the real test data; skips the test cleanly when it is not on this machine."""
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("real data not found (set EFFSR_DATA or place it at ../shared/data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def checkpoints(shared_data: Path) -> Path:
+    d = shared_data / "checkpoints"
+    if not d.is_dir():
+        pytest.skip("checkpoints not found in shared data")
+    return d
