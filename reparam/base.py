@@ -195,6 +195,8 @@ class RepBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._mode == "online":
             w, b = self.fused_kernel()
+            if self.padding_mode == "zeros":  # let the conv pad: no copy of the input
+                return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
             return F.conv2d(self.pad(x), w, b, self.stride, 0, self.dilation, self.groups)
         return self.forward_branches(x)
 

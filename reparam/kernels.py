@@ -91,11 +91,9 @@ def to_dense(weight: Tensor, groups: int) -> Tensor:
     out, cin_g, kh, kw = weight.shape
     if out % groups:
         raise ValueError(f"groups: {groups} does not divide out_channels={out}")
-    out_g = out // groups
-    dense = weight.new_zeros(out, cin_g * groups, kh, kw)
-    for g in range(groups):
-        dense[g * out_g:(g + 1) * out_g, g * cin_g:(g + 1) * cin_g] = weight[g * out_g:(g + 1) * out_g]
-    return dense
+    wg = weight.reshape(groups, out // groups, cin_g, kh, kw)
+    eye = torch.eye(groups, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("gocxy,gh->gohcxy", wg, eye).reshape(out, groups * cin_g, kh, kw)
 
 
 def to_grouped(dense: Tensor, groups: int) -> Tensor:
@@ -109,9 +107,9 @@ def to_grouped(dense: Tensor, groups: int) -> Tensor:
     out, cin, kh, kw = dense.shape
     if out % groups or cin % groups:
         raise ValueError(f"groups: {groups} does not divide channels ({cin}->{out})")
-    out_g, cin_g = out // groups, cin // groups
-    blocks = [dense[g * out_g:(g + 1) * out_g, g * cin_g:(g + 1) * cin_g] for g in range(groups)]
-    return torch.cat(blocks, dim=0)
+    d = dense.reshape(groups, out // groups, groups, cin // groups, kh, kw)
+    diag = torch.diagonal(d, dim1=0, dim2=2)  # (out/g, in/g, kh, kw, g)
+    return diag.permute(4, 0, 1, 2, 3).reshape(out, cin // groups, kh, kw)
 
 
 def merge_sequential(

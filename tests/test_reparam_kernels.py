@@ -1,0 +1,154 @@
+"""Unit and property tests of the kernel algebra (reparam.kernels) against the nn modules it stands for."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from reparam import kernels as K
+
+torch.manual_seed(0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@given(c=st.integers(1, 6), o=st.integers(1, 6), k=st.sampled_from([1, 3, 5]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fold_bn_equals_conv_then_bn(c: int, o: int, k: int, bias: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c, o, k, padding=k // 2, bias=bias).double()
+    bn = nn.BatchNorm2d(o).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(o, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(o, generator=g, dtype=torch.float64) * 3 + 0.05)
+        bn.weight.copy_(torch.randn(o, generator=g, dtype=torch.float64))
+        bn.bias.copy_(torch.randn(o, generator=g, dtype=torch.float64))
+    x = torch.randn(2, c, 7, 9, generator=g, dtype=torch.float64)
+    w, b = K.fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    assert rel_err(F.conv2d(x, w, b, padding=k // 2), bn(conv(x))) <= 1e-12
+
+
+def test_fold_bn_without_affine() -> None:
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    bn = nn.BatchNorm2d(4, affine=False).double().eval()
+    bn.running_var.fill_(2.0)
+    fw, fb = K.fold_bn(w, None, bn.running_mean, bn.running_var, None, None, bn.eps)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert rel_err(F.conv2d(x, fw, fb, padding=1), bn(F.conv2d(x, w, padding=1))) <= 1e-12
+
+
+@given(k_small=st.sampled_from([1, 3]), k_big=st.sampled_from([3, 5, 7]), dil=st.integers(1, 3), stride=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_padded_small_kernel_equals_small_conv(k_small: int, k_big: int, dil: int, stride: int, seed: int) -> None:
+    if k_small > k_big:
+        k_small = k_big
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 2, k_small, k_small, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 2, 11, 10, generator=g, dtype=torch.float64)
+    small = F.conv2d(x, w, stride=stride, padding=dil * (k_small // 2), dilation=dil)
+    big = F.conv2d(x, K.pad_kernel(w, k_big), stride=stride, padding=dil * (k_big // 2), dilation=dil)
+    assert rel_err(big, small) <= 1e-12
+
+
+def test_pad_kernel_errors() -> None:
+    w = torch.zeros(1, 1, 3, 3)
+    with pytest.raises(ValueError, match="size"):
+        K.pad_kernel(w, 1)
+    with pytest.raises(ValueError, match="size"):
+        K.pad_kernel(w, 4)
+
+
+@given(groups=st.sampled_from([1, 2, 3]), cpg=st.integers(1, 3), opg=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_dense_grouped_round_trip_and_conv(groups: int, cpg: int, opg: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(groups * opg, cpg, 3, 3, generator=g, dtype=torch.float64)
+    dense = K.to_dense(w, groups)
+    assert dense.shape == (groups * opg, groups * cpg, 3, 3)
+    assert torch.equal(K.to_grouped(dense, groups), w)
+    x = torch.randn(1, groups * cpg, 6, 7, generator=g, dtype=torch.float64)
+    assert rel_err(F.conv2d(x, dense, padding=1), F.conv2d(x, w, padding=1, groups=groups)) <= 1e-12
+
+
+@given(cin=st.integers(1, 5), mid=st.integers(1, 6), cout=st.integers(1, 5), k=st.sampled_from([3, 5]),
+       stride=st.integers(1, 2), dil=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_merge_1x1_then_kxk_is_exact_with_bias_padding(cin, mid, cout, k, stride, dil, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(mid, cin, 1, 1, generator=g, dtype=torch.float64)
+    b1 = torch.randn(mid, generator=g, dtype=torch.float64) * 3
+    w2 = torch.randn(cout, mid, k, k, generator=g, dtype=torch.float64)
+    b2 = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = torch.randn(2, cin, 9, 8, generator=g, dtype=torch.float64)
+    p = dil * (k // 2)
+    t = F.conv2d(x, w1, b1)
+    t_bias_padded = F.pad(t - b1.view(1, -1, 1, 1), [p] * 4) + b1.view(1, -1, 1, 1)
+    ref = F.conv2d(t_bias_padded, w2, b2, stride=stride, dilation=dil)
+    w, b = K.merge_sequential((w1, b1), (w2, b2))
+    fused = F.conv2d(x, w, b, stride=stride, padding=p, dilation=dil)
+    assert rel_err(fused, ref) <= 1e-12
+    # The anchors' fault: zero-padding the 1x1 output breaks the border (whenever the bias is non-zero).
+    ref_zero_pad = F.conv2d(t, w2, b2, stride=stride, padding=p, dilation=dil)
+    assert rel_err(fused, ref_zero_pad) > 1e-6
+
+
+@given(groups=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_merge_kxk_then_1x1(groups: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
+    b1 = torch.randn(4, generator=g, dtype=torch.float64)
+    w2 = torch.randn(6, 4 // groups, 1, 1, generator=g, dtype=torch.float64)
+    b2 = torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 4, 7, 7, generator=g, dtype=torch.float64)
+    ref = F.conv2d(F.conv2d(x, w1, b1, padding=1, groups=groups), w2, b2, groups=groups)
+    w, b = K.merge_sequential((w1, b1), (w2, b2), groups, groups, groups)
+    assert rel_err(F.conv2d(x, w, b, padding=1, groups=groups), ref) <= 1e-12
+
+
+def test_merge_sequential_needs_a_1x1() -> None:
+    w = torch.zeros(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="1x1"):
+        K.merge_sequential((w, None), (w, None))
+    with pytest.raises(ValueError, match="channel"):
+        K.merge_sequential((torch.zeros(3, 2, 1, 1), None), (w, None))
+
+
+@given(channels=st.sampled_from([2, 4, 6]), groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, 5]))
+def test_identity_and_avg_kernels(channels: int, groups: int, k: int) -> None:
+    x = torch.randn(1, channels, 8, 9, dtype=torch.float64)
+    w, b = K.identity_kernel(channels, groups, k, like=x)
+    assert w.dtype == torch.float64
+    assert torch.equal(F.conv2d(x, w, b, padding=k // 2, groups=groups), x)
+    w, b = K.avg_kernel(channels, groups, k, like=x)
+    ref = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=True)
+    assert rel_err(F.conv2d(x, w, b, padding=k // 2, groups=groups), ref) <= 1e-12
+
+
+def test_mask_kernel_and_scale() -> None:
+    scale = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    w, b = K.mask_kernel(torch.tensor(K.SOBEL_X, dtype=torch.float64).view(1, 1, 3, 3), scale, None)
+    assert w.shape == (2, 1, 3, 3) and torch.equal(b, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(w[1, 0], -2 * torch.tensor(K.SOBEL_X, dtype=torch.float64))
+    sw, sb = K.scale_channels((w, torch.ones(2, dtype=torch.float64)), torch.tensor([3.0, 0.5], dtype=torch.float64))
+    assert torch.equal(sw[0], 3 * w[0]) and torch.equal(sb, torch.tensor([3.0, 0.5], dtype=torch.float64))
+
+
+def test_merge_parallel_sums_centred_branches() -> None:
+    a = (torch.ones(1, 1, 3, 3), torch.tensor([1.0]))
+    c = (torch.full((1, 1, 1, 1), 5.0), None)
+    w, b = K.merge_parallel([a, c])
+    assert w[0, 0, 1, 1] == 6 and w[0, 0, 0, 0] == 1 and b.item() == 1
+    with pytest.raises(ValueError, match="kernels"):
+        K.merge_parallel([])
+
+
+def test_functions_do_not_modify_inputs() -> None:
+    w = torch.randn(4, 2, 3, 3)
+    b = torch.randn(4)
+    w0, b0 = w.clone(), b.clone()
+    K.fold_bn(w, b, torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4), 1e-5)
+    K.merge_parallel([(w, b), (K.pad_kernel(torch.randn(4, 2, 1, 1), 3), None)])
+    K.scale_channels((w, b), torch.full((4,), 2.0))
+    assert torch.equal(w, w0) and torch.equal(b, b0)
