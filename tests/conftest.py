@@ -23,14 +23,10 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def shared_data_dir() -> Path | None:
-    """``$EFFSR_DATA`` or ``../shared/data`` next to the project root, if it exists."""
+    """``$EFFSR_DATA`` if set (a missing path means "no data"), else ``../shared/data`` beside the project."""
     env = os.environ.get("EFFSR_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+    candidate = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
 
 
 @pytest.fixture(scope="session")
