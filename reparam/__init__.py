@@ -7,13 +7,20 @@
 from . import kernels
 from .base import MODES, ConvBN, RepBlock
 from .convert import BLOCKS, fuse_all, get_block, register, rep_blocks, repify, set_mode
+from .acb import ACB
+from .dbb import DBB
 from .ecb import ECB
+from .edbb import EDBB
+from .mobileone import MobileOneBlock
+from .repconv import RepConv
+from .replk import RepLKConv
+from .repvgg import RepVGGBlock
 from .rrrb import ERB, RRRB
 
-for _cls in (ECB, RRRB, ERB):
+for _cls in (ECB, RRRB, ERB, DBB, RepConv, ACB, RepVGGBlock, MobileOneBlock, RepLKConv, EDBB):
     register(_cls)
 
 __all__ = [
     "kernels", "MODES", "ConvBN", "RepBlock", "BLOCKS", "fuse_all", "get_block", "rep_blocks", "repify",
-    "set_mode", "ECB", "RRRB", "ERB",
+    "set_mode", "ECB", "RRRB", "ERB", "DBB", "RepConv", "ACB", "RepVGGBlock", "MobileOneBlock", "RepLKConv", "EDBB",
 ]

@@ -91,10 +91,14 @@ class ECB(RepBlock):
         bias = K.bias_or_zeros(weight, bias)
         if self.with_idt:
             weight = weight - K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=weight)[0]
+        if not self.bias and bool((bias != 0).any()):
+            raise ValueError("bias: a block built with bias=False cannot carry a conv with a non-zero bias")
         self.conv_kxk.conv.weight.copy_(weight)
-        self.conv_kxk.conv.bias.copy_(bias)
         self.expand_kxk.conv.weight.zero_()
-        self.expand_kxk.conv.bias.zero_()
         for e in self.edges:
             self.edge_scale[e].zero_()
-            self.edge_bias[e].zero_()
+        if self.bias:
+            self.conv_kxk.conv.bias.copy_(bias)
+            self.expand_kxk.conv.bias.zero_()
+            for e in self.edges:
+                self.edge_bias[e].zero_()

@@ -19,7 +19,9 @@ settings.register_profile(
 )
 settings.load_profile("effsr")
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One intra-op thread per test process: the suite runs as 2 xdist workers on 2 cores, and oversubscribed
+# BLAS threads were measured 50-100x slower on this class of machine.
+torch.set_num_threads(1)
 
 
 def shared_data_dir() -> Path | None:

@@ -326,3 +326,14 @@ def test_repify_then_online_training_then_fuse_back() -> None:
     rep.eval()
     assert rel_err(reparam.fuse_all(rep)(x), rep(x)) <= 1e-10
     assert rel_err(rep(x), net(x)) > 0  # training really changed the function
+
+
+def test_load_kernel_into_bias_free_ecb() -> None:
+    block = reparam.ECB(4, 4, bias=False).double().eval()
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        block.load_kernel(w, None)
+        fw, fb = block.fused_kernel()
+    assert torch.allclose(fw, w, atol=1e-12) and not fb.any()
+    with pytest.raises(ValueError, match="bias"), torch.no_grad():
+        block.load_kernel(w, torch.ones(4, dtype=torch.float64))
