@@ -1,0 +1,27 @@
+"""effsr.models: the efficient SR networks, buildable at any width/depth and with re-parameterizable convs.
+
+>>> from effsr import models
+>>> models.names()
+['rfdn', 'rfdn_pruned', 'rlfn', 'fmen', 'imdn']
+>>> net = models.build("rfdn", nf=24)                 # a smaller student
+>>> train_net = models.build("rlfn", conv="ecb")       # every 3x3 slot an ECB; reparam.fuse_all -> plain keys
+>>> # teacher = models.load("rfdn", "rfdn_aim2020.pth")  # eval mode, strict, weights_only
+
+Every network has ``arch``, ``scale`` (4), ``input_range`` (255.0, or 1.0 for IMDN) and ``config``
+(``build(net.arch, **net.config)`` rebuilds it). Input: float NCHW RGB in ``[0, input_range]``.
+"""
+from ._common import SRNet
+from .conv import apply_conv, conv_slots, is_slot, normalize_conv
+from .esa import ESA, ESALite
+from .fmen import FMEN, HFAB, BasicBlock, RepSlot
+from .imdn import IMDN, IMDBlock
+from .registry import (NETWORKS, CheckpointMismatchError, build, check_state_dict, load, names,
+                       read_state_dict)
+from .rfdn import RFDB, RFDN, RFDNPruned
+from .rlfn import RLFB, RLFN
+
+__all__ = [
+    "build", "load", "names", "read_state_dict", "check_state_dict", "CheckpointMismatchError", "NETWORKS",
+    "SRNet", "RFDN", "RFDNPruned", "RFDB", "RLFN", "RLFB", "FMEN", "HFAB", "BasicBlock", "RepSlot", "IMDN",
+    "IMDBlock", "ESA", "ESALite", "apply_conv", "conv_slots", "is_slot", "normalize_conv",
+]

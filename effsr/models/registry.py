@@ -1,0 +1,208 @@
+"""``build`` / ``load`` / ``names``: the registry of networks and checkpoint loading."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._common import SRNet
+from .conv import apply_conv, normalize_conv
+from .fmen import FMEN
+from .imdn import IMDN
+from .rfdn import RFDN, RFDNPruned
+from .rlfn import RLFN
+
+__all__ = ["NETWORKS", "names", "build", "load", "read_state_dict", "check_state_dict", "CheckpointMismatchError"]
+
+NETWORKS: dict[str, type[SRNet]] = {
+    "rfdn": RFDN,
+    "rfdn_pruned": RFDNPruned,
+    "rlfn": RLFN,
+    "fmen": FMEN,
+    "imdn": IMDN,
+}
+
+#: Wrapper keys some training frameworks put around a state_dict (BasicSR, KAIR, Lightning, ...).
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model_state_dict", "model", "net")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the network it is loaded into (missing/unexpected keys, shapes)."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str],
+                 shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.shape_mismatches = shape_mismatches
+
+
+def names() -> list[str]:
+    """The network names :func:`build` and :func:`load` accept."""
+    return list(NETWORKS)
+
+
+def _network(name: Any) -> type[SRNet]:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key = name.lower()
+    if key not in NETWORKS:
+        raise ValueError(f"name: unknown network {name!r}; choose from {names()}")
+    return NETWORKS[key]
+
+
+def build(name: str, conv: Any = "conv", **config: Any) -> SRNet:
+    """A freshly initialised network (training mode).
+
+    ``name``: one of :func:`names`. ``conv``: ``"conv"`` (plain 3x3 convs, the deploy form), a block name
+    (``"ecb"``, ``"rrrb"``, ...) or a dict ``{"block": ..., "include": ..., **options}`` -- see
+    :mod:`effsr.models.conv`. ``config``: the network's width/depth arguments (``nf``, ``num_blocks``, ...);
+    defaults reproduce the official checkpoints. ``build(m.arch, **m.config)`` rebuilds a network ``m``.
+    """
+    cls = _network(name)
+    spec = normalize_conv(conv)
+    try:
+        model = cls(**config)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            import inspect
+            allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+            bad = sorted(set(config) - set(allowed))
+            raise TypeError(f"{cls.arch}: unknown config argument(s) {bad}; accepted: {allowed + ['conv']}") from None
+        raise
+    apply_conv(model, spec)
+    model.config["conv"] = spec if isinstance(spec, str) else (dict(spec) if isinstance(spec, dict) else spec)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The tensors of a ``.pth``/``.pt`` (``torch.load(..., weights_only=True)``) or ``.safetensors`` file.
+
+    A single wrapper dict (``{"params": sd}``, ``{"state_dict": sd}``, ...) is unwrapped, and a ``module.``
+    prefix shared by every key (``DataParallel``) is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        obj: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
+            raise ValueError(f"path: cannot read {path} as a weights-only torch checkpoint: {err}") from err
+    if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"path: {path} does not hold a state_dict (a mapping of names to tensors)")
+    sd = {str(k): v for k, v in obj.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        return {k: tuple(v.shape) for k, v in NETWORKS[name]().state_dict().items()}
+
+
+def _guess(sd: Mapping[str, Tensor]) -> str | None:
+    """The name of the default network whose state_dict has exactly these keys and shapes, if any."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return next((name for name in NETWORKS if _default_shapes(name) == shapes), None)
+
+
+Diff = tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]
+
+
+def _diff(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Diff:
+    """(missing keys, unexpected keys, [(key, checkpoint shape, model shape)])."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def _error(model: nn.Module, state_dict: Mapping[str, Tensor], source: str, diff: Diff,
+           note: str = "") -> CheckpointMismatchError:
+    missing, unexpected, shapes = diff
+    arch = getattr(model, "arch", type(model).__name__)
+    lines = [f"{source} does not match {arch!r} with config {getattr(model, 'config', {})}:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if shapes:
+        lines.append(f"  {len(shapes)} shape mismatch(es): "
+                     + _listing([f"{k} checkpoint {a} vs model {b}" for k, a, b in shapes], 8))
+    guess = _guess(state_dict)
+    if guess is not None and guess != arch:
+        lines.append(f"  the checkpoint looks like the official {guess!r} network: load({guess!r}, path)")
+    elif guess == arch:
+        lines.append(f"  the checkpoint fits the default {arch!r} architecture: load({arch!r}, path) without config")
+    if note:
+        lines.append(f"  {note}")
+    return CheckpointMismatchError("\n".join(lines), missing, unexpected, shapes)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` naming missing/unexpected keys and shape mismatches."""
+    diff = _diff(model, state_dict)
+    if any(diff):
+        raise _error(model, state_dict, source, diff)
+
+
+def load(name: str, path: str | os.PathLike[str], **config: Any) -> SRNet:
+    """``build(name, **config)`` with the weights of ``path`` loaded strictly, in eval mode, on the CPU.
+
+    ``path``: a ``.pth``/``.pt`` state_dict (read with ``weights_only=True``) or a ``.safetensors`` file.
+    With a block ``conv=`` (``load("rfdn", path, conv="ecb")``) the checkpoint may be in that training
+    form, or in deploy form (plain convs): then every block is set to compute exactly the plain conv it
+    replaces (``Block.from_conv``), so the network equals the deploy one and can be fine-tuned
+    over-parameterized. A checkpoint for another architecture or config raises
+    :class:`CheckpointMismatchError` (a ``ValueError``) naming the missing and unexpected keys and the
+    shape mismatches.
+    """
+    from effsr.shrink.recipe import load_hook  # lazy: effsr.shrink imports effsr.models
+
+    shrunk = load_hook(name, path)  # a student written by `effsr shrink` (recipe in its metadata)
+    if shrunk is not None:
+        if config:
+            raise ValueError(f"config: {path} is an effsr shrink student; its architecture comes from its recipe")
+        return shrunk
+    model = build(name, **config)
+    sd = read_state_dict(path)
+    source = f"checkpoint {os.fspath(path)!r}"
+    diff = _diff(model, sd)
+    spec = model.config["conv"]
+    if any(diff) and spec != "conv":
+        plain = build(name, **{**config, "conv": "conv"})
+        plain_diff = _diff(plain, sd)
+        if not any(plain_diff):  # deploy-form checkpoint: load it plain, then make the slots equal blocks
+            plain.load_state_dict(sd, strict=True)
+            model = apply_conv(plain, spec, pretrained=True)
+            model.config["conv"] = spec
+            return model.eval()
+        if sum(map(len, plain_diff)) < sum(map(len, diff)):  # report against the form it resembles
+            raise _error(plain, sd, source, plain_diff,
+                         note=f"(tried both the conv={spec!r} form and the deploy form with plain convs)")
+    if any(diff):
+        raise _error(model, sd, source, diff)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
