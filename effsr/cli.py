@@ -1,0 +1,389 @@
+"""Command-line interface: ``effsr <command> ...`` (also ``python -m effsr``).
+
+Commands are registered with :func:`command`; each one is a pair of functions, one that adds its
+arguments to an :class:`argparse.ArgumentParser` and one that runs it and returns an exit code. A new
+command (``shrink``, ``demo``, ...) is added by writing those two functions in any module imported
+here::
+
+    def _demo_args(p): p.add_argument("--model", required=True)
+
+    @command("demo", help="...", arguments=_demo_args)
+    def _demo(args) -> int: ...
+
+User errors (missing files, a checkpoint of another architecture, an unreadable image, LR/HR sizes that
+do not match) raise :class:`CLIError`; :func:`main` prints them as one line on stderr and returns 2.
+Set ``EFFSR_DEBUG=1`` to get the traceback instead. Result files (JSON, images) are only written
+after the command has succeeded, JSON atomically (temporary file + :func:`os.replace`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_json_atomic"]
+
+
+class CLIError(Exception):
+    """An error caused by the user's input: reported as one line on stderr, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]
+            ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register ``run(args) -> exit code`` as the subcommand ``name`` with the given argument adder."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"name: command {name!r} is already registered")
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+    return register
+
+
+# ------------------------------------------------------------------------------------------ utilities
+def _one_line(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and :func:`os.replace`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _check_output_file(path: str | None, what: str) -> None:
+    """Fail before any work when ``path`` cannot become a file."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{what} {path} is a directory, expected a file path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{what} {path}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK):
+                raise CLIError(f"{what} {path}: {parent} is not writable")
+            break
+
+
+def _check_output_dir(path: str | None, what: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{what} {path} exists and is not a directory")
+    _check_output_file(str(p / "x"), what)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _model_names() -> list[str]:
+    from . import models
+
+    return list(models.names())
+
+
+def _check_model_name(name: str) -> None:
+    names = _model_names()
+    if name not in names:
+        raise CLIError(f"unknown model {name!r}; choose from {', '.join(names)}")
+
+
+def _build_model(name: str) -> Any:
+    from . import models
+
+    _check_model_name(name)
+    try:
+        return models.build(name)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"cannot build {name}: {_one_line(exc)}") from exc
+
+
+def _load_model(name: str, weights: str) -> Any:
+    from . import models
+
+    _check_model_name(name)
+    path = Path(weights)
+    if not path.exists():
+        raise CLIError(f"weights file not found: {weights}")
+    if not path.is_file():
+        raise CLIError(f"weights path is not a file: {weights}")
+    try:
+        return models.load(name, path)
+    except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise CLIError(f"cannot load {weights} as {name}: {_one_line(exc)}") from exc
+
+
+def _open_data(spec: str, scale: int) -> Any:
+    from . import data
+
+    if spec != "default":
+        p = Path(spec)
+        if not p.exists():
+            raise CLIError(f"data not found: {spec}")
+        if not p.is_dir():
+            raise CLIError(f"data must be a directory (HR/ [+ LR_bicubic/X{scale}/]) or 'default': {spec}")
+    try:
+        pairs = data.open_dataset(spec, scale=scale)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CLIError(f"cannot open data {spec}: {_one_line(exc)}") from exc
+    if len(pairs) == 0:
+        raise CLIError(f"no images found in {spec}")
+    return pairs
+
+
+def _load_for_run(args: argparse.Namespace) -> Any:
+    return _load_model(args.model, args.weights) if args.weights else _build_model(args.model)
+
+
+class _StagedDir:
+    """A hidden staging folder next to ``target``; :meth:`commit` moves its files into ``target``."""
+
+    def __init__(self, target: str | None) -> None:
+        self.target = Path(target) if target else None
+        self.path: Path | None = None
+
+    def __enter__(self) -> _StagedDir:
+        if self.target is not None:
+            # Stage in the nearest existing ancestor (same file system, so os.replace works) and
+            # create nothing else until commit().
+            parent = self.target.resolve().parent
+            while not parent.exists():
+                parent = parent.parent
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
+        return self
+
+    def commit(self) -> None:
+        if self.target is None or self.path is None:
+            return
+        self.target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.path.iterdir()):
+            os.replace(f, self.target / f.name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- profile
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, nargs="+", metavar="NAME",
+                   help="network name(s) from effsr.models, or 'all'")
+    p.add_argument("--input-size", nargs=3, type=int, default=[3, 256, 256], metavar=("C", "H", "W"),
+                   help="input size for the counts (default: 3 256 256, the NTIRE convention)")
+    p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file")
+
+
+@command("profile", help="parameters, FLOPs, activations and convs (NTIRE ESR conventions)",
+         arguments=_profile_args)
+def _profile(args: argparse.Namespace) -> int:
+    from .metrics import format_table, profile
+
+    _check_output_file(args.json, "--json")
+    names = _model_names() if args.model == ["all"] else list(dict.fromkeys(args.model))
+    for name in names:
+        _check_model_name(name)
+    try:
+        size = tuple(args.input_size)
+        profiles = {name: profile(_build_model(name), size) for name in names}
+    except ValueError as exc:
+        raise CLIError(_one_line(exc)) from exc
+    print(format_table(profiles))
+    if args.json:
+        if len(profiles) == 1:
+            (name, prof), = profiles.items()
+            payload: dict[str, Any] = {"model": name, **prof.as_dict()}
+        else:
+            payload = {name: prof.as_dict() for name, prof in profiles.items()}
+        write_json_atomic(args.json, payload)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _common_run_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
+    p.add_argument("--model", required=True, metavar="NAME", help="network name from effsr.models")
+    p.add_argument("--weights", required=weights_required, metavar="PATH",
+                   help="checkpoint (.pth state_dict or .safetensors) for --model")
+    p.add_argument("--data", default="default", metavar="DIR",
+                   help="dataset root (HR/ + LR_bicubic/X4/), an HR-only folder, or 'default' "
+                        "(scikit-image's bundled photos); default: %(default)s")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    p.add_argument("--tile", type=int, default=None, metavar="N", help="run on N x N LR tiles")
+    p.add_argument("--tile-overlap", type=int, default=8, metavar="N",
+                   help="LR pixels of context around each tile (default: %(default)s)")
+    p.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _check_tile_args(args: argparse.Namespace) -> None:
+    if args.tile is not None and args.tile < 1:
+        raise CLIError(f"--tile must be a positive integer, got {args.tile}")
+    if args.tile_overlap < 0:
+        raise CLIError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _common_run_args(p, weights_required=True)
+    p.add_argument("--save-images", metavar="DIR", help="also write the SR images as PNG into DIR")
+
+
+@command("eval", help="PSNR (RGB, Y) and SSIM (Y) of a trained network on a dataset", arguments=_eval_args)
+def _eval(args: argparse.Namespace) -> int:
+    from .inference import evaluate
+
+    _check_output_file(args.json, "--json")
+    _check_output_dir(args.save_images, "--save-images")
+    _check_tile_args(args)
+    device = _device(args.device)
+    model = _load_for_run(args)
+    pairs = _open_data(args.data, model.scale)
+    with _StagedDir(args.save_images) as staged:
+        try:
+            result = evaluate(model, pairs, progress=not args.no_progress, save_dir=staged.path,
+                              tile=args.tile, tile_overlap=args.tile_overlap, device=device)
+        except (ValueError, OSError) as exc:
+            raise CLIError(_one_line(exc)) from exc
+        staged.commit()
+    width = max([len("image")] + [len(r["name"]) for r in result["per_image"]])
+    print(f"{'image'.ljust(width)}  PSNR-RGB  PSNR-Y   SSIM-Y")
+    for r in result["per_image"]:
+        print(f"{r['name'].ljust(width)}  {r['psnr_rgb']:8.3f}  {r['psnr_y']:6.3f}  {r['ssim_y']:.4f}")
+    print(f"{'mean'.ljust(width)}  {result['psnr_rgb']:8.3f}  {result['psnr_y']:6.3f}  {result['ssim_y']:.4f}"
+          f"   ({args.model}, {len(result['per_image'])} images, {args.data})")
+    if args.json:
+        payload = {"model": args.model, "weights": str(args.weights), "data": str(args.data),
+                   "tile": args.tile, **result}
+        write_json_atomic(args.json, payload)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- runtime
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    _common_run_args(p, weights_required=False)
+    p.add_argument("--trials", type=int, default=3, help="timed passes; the best counts (default: 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+@command("runtime", help="inference time per image (best of N trials) and peak memory",
+         arguments=_runtime_args)
+def _runtime(args: argparse.Namespace) -> int:
+    import torch
+
+    from .metrics import runtime
+
+    _check_output_file(args.json, "--json")
+    _check_tile_args(args)
+    if args.trials < 1 or args.warmup < 0:
+        raise CLIError("--trials must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    model = _load_for_run(args)
+    pairs = _open_data(args.data, model.scale)
+    try:
+        images = [p.lr for p in pairs]
+        result = runtime(model, images, device=device, trials=args.trials, warmup=args.warmup,
+                         tile=args.tile, tile_overlap=args.tile_overlap)
+    except (ValueError, OSError) as exc:
+        raise CLIError(_one_line(exc)) from exc
+    mem = result["max_memory_mb"]
+    mem_text = "n/a" if mem is None else f"{mem:.1f} MiB ({result['memory_kind']})"
+    trials = ", ".join(f"{t:.1f}" for t in result["trials_ms"])
+    print(f"{args.model}: {result['ms_per_image']:.2f} ms/image on {result['device']} "
+          f"(best of {len(result['trials_ms'])}: {trials} ms; {result['images']} images), memory {mem_text}")
+    if args.json:
+        write_json_atomic(args.json, {"model": args.model, "weights": args.weights, "data": str(args.data),
+                                      **result})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; lazy: it imports this module)
+
+    parser = argparse.ArgumentParser(
+        prog="effsr",
+        description="Efficient super-resolution toolkit: profile, evaluate, time and shrink SR networks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, or argparse's own usage errors (exit code 2)
+        return _exit_code(exc.code)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command].run(args)
+    except CLIError as exc:
+        if os.environ.get("EFFSR_DEBUG"):
+            raise
+        print(f"effsr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"effsr {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,333 @@
+"""Efficiency metrics of the NTIRE efficient-SR challenges: parameters, FLOPs, activations, convs, runtime.
+
+:func:`profile` counts what the challenges' ``utils/model_summary.py`` counts (AIM 2020, NTIRE 2022/2023
+ESR), re-implemented with forward hooks:
+
+* ``params``: every parameter element of the model (shared parameters once). The challenge script
+  counts only ``requires_grad`` parameters; for a trainable model the two agree.
+* ``flops``: *multiply-accumulates* (the challenge calls them FLOPs) of modules only:
+
+  - ``nn.Conv2d`` / ``nn.ConvTranspose2d``: ``prod(kernel) * in_channels * out_channels / groups`` per
+    output position (no bias term; for a transposed conv, like the challenge, per *output* position);
+  - ``nn.Linear``: ``in_features`` per output element (for 1-D/2-D inputs this is the challenge's
+    ``batch * in * out``);
+  - activation modules ``nn.ReLU``, ``nn.PReLU``, ``nn.ELU``, ``nn.LeakyReLU``, ``nn.ReLU6``: one per
+    output element. ``nn.Sigmoid``, ``nn.GELU``, ``nn.SiLU``, ... are *not* counted (the challenge
+    script does not count them either);
+  - BatchNorm modules: one per output element, two when affine.
+
+  Functional calls (``F.conv2d``, ``torch.sigmoid``, ``F.interpolate``, additions, pooling, pixel
+  shuffle) are invisible to hooks and not counted, exactly as in the challenge numbers.
+* ``activations``: elements of every ``nn.Conv2d`` / ``nn.ConvTranspose2d`` output ("#Acts").
+* ``convs``: number of ``nn.Conv2d`` / ``nn.ConvTranspose2d`` forward calls ("#Conv"; this equals the
+  number of conv modules when each one runs once, as in every network of :mod:`effsr.models`).
+* ``aten_flops``: an independent, exact count from :class:`torch.utils.flop_counter.FlopCounterMode`,
+  which sees every aten-level convolution and matrix product, functional ones included (e.g. a
+  re-parameterisation block in "online" mode that convolves with a merged kernel through
+  ``F.conv2d``). It counts **2 FLOPs per multiply-accumulate** of convolutions and matrix products
+  and nothing for element-wise ops, so for a network whose convs are all modules
+  ``aten_flops == 2 * (flops - activation/BN terms)``.
+
+All counts are for one image of ``input_size`` (default ``3 x 256 x 256``, the challenge's). Published
+RFDN numbers reproduced by this module: 0.433 M params, 27.10 G FLOPs, 112.03 M activations, 64 convs.
+
+:func:`runtime` times inference like the challenge: per-image average over a list of LR images, best of
+``trials`` trials, after warm-up runs; CUDA timings use CUDA events and report
+``torch.cuda.max_memory_allocated``; CPU timings use :func:`time.perf_counter` and report the peak
+resident set size of the *whole process* (``resource.getrusage``), which never decreases and includes
+everything else the process has done.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inference import (_input_range, _model_dtype, _writable, eval_mode, forward, on_device, resolve_device,
+                        tile_count)
+
+__all__ = ["Profile", "profile", "format_table", "runtime", "count_params"]
+
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+_ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6)
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Complexity of a network for one input of ``input_size`` (see the module docstring)."""
+
+    params: int
+    flops: int
+    activations: int
+    convs: int
+    aten_flops: int
+    input_size: tuple[int, ...] = (3, 256, 256)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready numbers: ints for the counts, a list for ``input_size``."""
+        return {
+            "params": int(self.params),
+            "flops": int(self.flops),
+            "activations": int(self.activations),
+            "convs": int(self.convs),
+            "aten_flops": int(self.aten_flops),
+            "input_size": [int(v) for v in self.input_size],
+        }
+
+    @property
+    def params_m(self) -> float:
+        return self.params / 1e6
+
+    @property
+    def gflops(self) -> float:
+        """``flops`` in G (the challenge's "FLOPs [G]", really G multiply-accumulates)."""
+        return self.flops / 1e9
+
+    @property
+    def activations_m(self) -> float:
+        return self.activations / 1e6
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_input_size(input_size: Any) -> tuple[int, ...]:
+    try:
+        size = tuple(input_size)
+    except TypeError:
+        raise ValueError(f"input_size must be a sequence (C, H, W), got {input_size!r}") from None
+    if len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                             for v in size):
+        raise ValueError(f"input_size must be three positive ints (C, H, W), got {input_size!r}")
+    return tuple(int(v) for v in size)
+
+
+class _Counter:
+    """Forward hooks implementing the challenge's module-level counting convention."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+        self.activations = 0
+        self.convs = 0
+        self._handles: list[Any] = []
+
+    def attach(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, _CONVS):
+                self._handles.append(module.register_forward_hook(self._conv))
+            elif isinstance(module, _ACTIVATIONS):
+                self._handles.append(module.register_forward_hook(self._elementwise))
+            elif isinstance(module, nn.Linear):
+                self._handles.append(module.register_forward_hook(self._linear))
+            elif isinstance(module, _BATCHNORMS):
+                self._handles.append(module.register_forward_hook(self._batchnorm))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _conv(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        per_position = (math.prod(module.kernel_size) * module.in_channels
+                        * (module.out_channels // module.groups))
+        positions = output.shape[0] * math.prod(output.shape[2:])
+        self.flops += int(per_position) * int(positions)
+        self.activations += output.numel()
+        self.convs += 1
+
+    def _elementwise(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.flops += output.numel()
+
+    def _linear(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.flops += module.in_features * output.numel()
+
+    def _batchnorm(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.flops += output.numel() * (2 if module.affine else 1)
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = _Counter()
+    counter.attach(model)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as mode:
+            model(x)
+    finally:
+        counter.detach()
+    return counter.flops, counter.activations, counter.convs, int(mode.get_total_flops())
+
+
+def profile(model: nn.Module, input_size: Sequence[int] = (3, 256, 256), *, use_meta: bool = True) -> Profile:
+    """Count parameters, FLOPs (MACs), activations and convs of ``model`` for one ``input_size`` image.
+
+    The model is run once in eval mode without gradients; its own train/eval state, parameters and
+    device are left untouched. With ``use_meta=True`` (default) the forward pass runs on a copy of
+    the model on PyTorch's ``meta`` device, which only propagates shapes and takes milliseconds; a
+    model that cannot run there (data-dependent control flow, custom kernels) is run for real on its
+    own device instead, with a deterministic input in ``[0, model.input_range]``.
+
+    >>> p = profile(torch.nn.Conv2d(3, 8, 3, padding=1), input_size=(3, 4, 4))
+    >>> (p.params, p.flops, p.activations, p.convs)
+    (224, 3456, 128, 1)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    size = _check_input_size(input_size)
+    params = count_params(model)
+    counts = None
+    if use_meta:
+        try:
+            meta = copy.deepcopy(model).to("meta").eval()
+            x = torch.empty((1, *size), device="meta", dtype=_model_dtype(model))
+            counts = _count(meta, x)
+        except Exception:  # noqa: BLE001 - any failure on meta means "run it for real"
+            counts = None
+    if counts is None:
+        gen = torch.Generator().manual_seed(0)
+        rng = _input_range(model)
+        x = torch.rand((1, *size), generator=gen) * rng
+        x = x.to(device=next((p.device for p in model.parameters()), torch.device("cpu")),
+                 dtype=_model_dtype(model))
+        with eval_mode(model):
+            counts = _count(model, x)
+    flops, activations, convs, aten = counts
+    return Profile(params=params, flops=flops, activations=activations, convs=convs, aten_flops=aten,
+                   input_size=size)
+
+
+def format_table(profiles: Mapping[str, Profile]) -> str:
+    """A plain-text table: model, params [M], FLOPs [G] (MACs), acts [M], convs, aten GFLOPs."""
+    header = ("model", "params [M]", "FLOPs [G]", "acts [M]", "convs", "aten GFLOPs", "input")
+    rows = [header]
+    for name, p in profiles.items():
+        rows.append((
+            str(name), f"{p.params / 1e6:.3f}", f"{p.flops / 1e9:.2f}", f"{p.activations / 1e6:.2f}",
+            str(p.convs), f"{p.aten_flops / 1e9:.2f}", "x".join(str(v) for v in p.input_size),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for k, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("FLOPs = multiply-accumulates of Conv/Linear/activation/BN modules (NTIRE ESR convention); "
+                 "aten GFLOPs = 2 x MACs of every aten conv/matmul.")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- runtime
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _prepare_images(images: Sequence[Any], rng: float, device: torch.device, dtype: torch.dtype
+                    ) -> list[torch.Tensor]:
+    if isinstance(images, (np.ndarray, torch.Tensor)) or not isinstance(images, Sequence):
+        raise TypeError("images must be a list of images (uint8 H x W x 3 arrays or float tensors)")
+    if len(images) == 0:
+        raise ValueError("images is empty: nothing to time")
+    out = []
+    for i, img in enumerate(images):
+        if isinstance(img, np.ndarray):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"images[{i}] must be uint8 H x W x 3, got {img.dtype} {img.shape}")
+            t = torch.from_numpy(_writable(img)).permute(2, 0, 1).unsqueeze(0).float()
+            t = t * (rng / 255.0)
+        elif isinstance(img, torch.Tensor):
+            t = img.unsqueeze(0) if img.dim() == 3 else img
+            if t.dim() != 4:
+                raise ValueError(f"images[{i}] must be a C x H x W or N x C x H x W tensor, "
+                                 f"got {tuple(img.shape)}")
+        else:
+            raise TypeError(f"images[{i}] must be a numpy array or a torch tensor, got {type(img).__name__}")
+        out.append(t.to(device=device, dtype=dtype))
+    return out
+
+
+def runtime(model: nn.Module, images: Sequence[Any], device: str | torch.device | None = None,
+            trials: int = 3, warmup: int = 2, tile: int | None = None, tile_overlap: int = 8
+            ) -> dict[str, Any]:
+    """Average inference time per image, best of ``trials`` passes over ``images``.
+
+    ``images``: uint8 ``H x W x 3`` arrays (scaled to ``[0, model.input_range]``) or float tensors
+    already in that range (``C x H x W`` or ``N x C x H x W``). They are moved to ``device`` before
+    timing (transfers are not timed, as in the challenge). ``warmup`` untimed forward passes on the
+    first image precede the trials. ``tile`` times tiled inference (see :mod:`effsr.inference`).
+
+    Returns ``ms_per_image`` (best trial), ``trials_ms`` (each trial's per-image mean), ``device``,
+    ``max_memory_mb`` (MiB: ``torch.cuda.max_memory_allocated`` on CUDA; peak process RSS on CPU,
+    ``None`` where unavailable), ``memory_kind``, ``images``, ``tile``, ``tile_overlap``,
+    ``tiles_per_image`` and, on CPU, ``threads``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    dev = resolve_device(device, model)
+    net = on_device(model, dev)
+    xs = _prepare_images(images, _input_range(net), dev, _model_dtype(net))
+    cuda = dev.type == "cuda"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return forward(net, x, tile=tile, tile_overlap=tile_overlap)
+
+    trials_ms: list[float] = []
+    with eval_mode(net), torch.no_grad():
+        for _ in range(warmup):
+            run(xs[0])
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(trials):
+            elapsed = 0.0
+            for x in xs:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run(x)
+                    end.record()
+                    torch.cuda.synchronize(dev)
+                    elapsed += start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    run(x)
+                    elapsed += (time.perf_counter() - t0) * 1e3
+            trials_ms.append(elapsed / len(xs))
+    result: dict[str, Any] = {
+        "ms_per_image": min(trials_ms),
+        "trials_ms": trials_ms,
+        "device": str(dev),
+        "images": len(xs),
+        "tile": tile,
+        "tile_overlap": tile_overlap if tile is not None else None,
+        "tiles_per_image": [tile_count(int(x.shape[-2]), int(x.shape[-1]), tile) for x in xs],
+    }
+    if cuda:
+        result["max_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        result["memory_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        result["max_memory_mb"] = _peak_rss_mb()
+        result["memory_kind"] = "process peak RSS (ru_maxrss)"
+        result["threads"] = torch.get_num_threads()
+    return result

@@ -1,0 +1,242 @@
+"""Tests for the ``effsr`` command line (effsr.cli), mostly in-process through ``main(argv)``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effsr import cli
+
+
+@pytest.fixture
+def one_thread():
+    """Real-network tests run single-threaded: with pytest -n 2 on two cores, more threads only thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    """The CLI's error message: exactly one line, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+@pytest.fixture(scope="module")
+def rfdn_weights(tmp_path_factory) -> Path:
+    """A randomly initialised but valid RFDN checkpoint (no real data needed)."""
+    from effsr import models
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "rfdn_random.pth"
+    torch.save(models.build("rfdn").state_dict(), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- basics
+def test_python_dash_m_help_subprocess():
+    res = subprocess.run([sys.executable, "-m", "effsr", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "profile" in res.stdout and "eval" in res.stdout
+
+
+def test_no_command_and_argparse_errors_exit_2(capsys):
+    code, _, err = _run(capsys)
+    assert code == 2 and "usage" in err
+    code, _, err = _run(capsys, "eval", "--model", "rfdn")          # --weights missing
+    assert code == 2 and "--weights" in err
+    code, _, _ = _run(capsys, "--help")
+    assert code == 0
+
+
+def test_registry_rejects_duplicate_command():
+    with pytest.raises(ValueError, match="name"):
+        cli.command("profile", help="dup", arguments=lambda p: None)(lambda a: 0)
+
+
+# ------------------------------------------------------------------------------------------ profile
+def test_profile_json_round_trip(tmp_path, capsys):
+    from effsr import metrics, models
+
+    out = tmp_path / "sub" / "rfdn.json"
+    code, stdout, _ = _run(capsys, "profile", "--model", "rfdn", "--json", str(out))
+    assert code == 0
+    row = next(ln for ln in stdout.splitlines() if ln.startswith("rfdn"))
+    assert row.split()[1:5] == ["0.433", "27.10", "112.03", "64"]
+    data = json.loads(out.read_text())
+    expected = metrics.profile(models.build("rfdn")).as_dict()
+    for key in ("params", "flops", "activations", "convs", "aten_flops"):
+        assert type(data[key]) is int and data[key] == expected[key]
+    assert data["params"] == 433_448 and data["convs"] == 64 and data["model"] == "rfdn"
+    assert [p.name for p in out.parent.iterdir()] == ["rfdn.json"]     # no temp file left behind
+
+
+def test_profile_several_models_and_input_size(tmp_path, capsys):
+    out = tmp_path / "two.json"
+    code, _, _ = _run(capsys, "profile", "--model", "rlfn", "imdn", "--input-size", "3", "64", "32",
+                      "--json", str(out))
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"rlfn", "imdn"}
+    assert data["imdn"]["input_size"] == [3, 64, 32]
+    assert data["imdn"]["params"] == 893_936 and data["rlfn"]["params"] == 317_218
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--model", "rfdn", "--input-size", "3", "0", "8"], "input_size"),
+])
+def test_profile_errors_write_nothing(tmp_path, capsys, argv, needle):
+    out = tmp_path / "p.json"
+    code, _, err = _run(capsys, "profile", *argv, "--json", str(out))
+    assert code == 2 and needle in _error_line(err)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_json_path_that_is_a_directory_is_rejected_before_work(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "profile", "--model", "rfdn", "--json", str(tmp_path))
+    assert code == 2 and "is a directory" in _error_line(err) and stdout == ""
+
+
+# --------------------------------------------------------------------------------------------- eval
+def _tiny_dataset(root: Path, n: int = 2, seed: int = 0, lr_size=(6, 5)) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        hr = rng.integers(0, 256, (lr_size[0] * 4, lr_size[1] * 4, 3), dtype=np.uint8)
+        _png(root / "HR" / f"im{i}.png", hr)
+        _png(root / "LR_bicubic" / "X4" / f"im{i}x4.png", hr[::4, ::4])
+    return root
+
+
+def test_eval_on_folder_json_and_images(tmp_path, capsys, rfdn_weights):
+    data = _tiny_dataset(tmp_path / "ds")
+    out, imgs = tmp_path / "res.json", tmp_path / "sr"
+    code, stdout, _ = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights),
+                           "--data", str(data),
+                           "--device", "cpu", "--json", str(out), "--save-images", str(imgs), "--no-progress")
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["per_image"]] == ["im0", "im1"]
+    assert res["psnr_y"] == pytest.approx(np.mean([r["psnr_y"] for r in res["per_image"]]))
+    assert sorted(p.name for p in imgs.iterdir()) == ["im0.png", "im1.png"]
+    assert "mean" in stdout and "im1" in stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # staging removed
+
+
+def test_eval_missing_weights_and_data(tmp_path, capsys, rfdn_weights):
+    out = tmp_path / "r.json"
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(tmp_path / "none.pth"),
+                        "--data", str(tmp_path), "--json", str(out))
+    assert code == 2 and "weights file not found" in _error_line(err)
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights),
+                        "--data", str(tmp_path / "missing"), "--json", str(out))
+    assert code == 2 and "data not found" in _error_line(err)
+    assert not out.exists()
+
+
+def test_eval_wrong_architecture_names_keys(tmp_path, capsys):
+    from effsr import models
+
+    wrong = tmp_path / "imdn.pth"
+    torch.save(models.build("imdn").state_dict(), wrong)
+    out = tmp_path / "r.json"
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(wrong), "--data", str(tmp_path),
+                        "--json", str(out))
+    line = _error_line(err)
+    assert code == 2 and "fea_conv.weight" in line and str(wrong) in line
+    assert not out.exists()
+
+
+def test_eval_unreadable_image_writes_nothing(tmp_path, capsys, rfdn_weights):
+    data = _tiny_dataset(tmp_path / "ds", n=1)
+    (data / "HR" / "zz.png").write_bytes(b"not a png")                   # second image, after a good one
+    (data / "LR_bicubic" / "X4" / "zzx4.png").write_bytes(b"not a png")
+    out, imgs = tmp_path / "r.json", tmp_path / "new" / "sr"
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights),
+                           "--data", str(data),
+                        "--json", str(out), "--save-images", str(imgs), "--no-progress")
+    assert code == 2 and "zz" in _error_line(err)
+    assert not out.exists() and not imgs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_eval_size_mismatch(tmp_path, capsys, rfdn_weights):
+    data = _tiny_dataset(tmp_path / "ds", n=1)
+    _png(data / "LR_bicubic" / "X4" / "im0x4.png", np.zeros((3, 3, 3), np.uint8))
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights),
+                           "--data", str(data),
+                        "--no-progress")
+    assert code == 2 and "does not match" in _error_line(err)
+
+
+@pytest.mark.data
+def test_eval_set5_official_rfdn(tmp_path, capsys, shared_data, checkpoints, one_thread):
+    out = tmp_path / "set5.json"
+    code, stdout, _ = _run(capsys, "eval", "--model", "rfdn",
+                           "--weights", str(checkpoints / "rfdn_aim2020.pth"),
+                           "--data", str(shared_data / "set5"), "--device", "cpu", "--json", str(out))
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert len(res["per_image"]) == 5
+    # Published RFDN x4 Set5: 32.24 dB Y-PSNR; bicubic is 28.42 dB.
+    assert 31.8 < res["psnr_y"] < 32.6
+    assert 0.88 < res["ssim_y"] < 0.91
+    assert res["psnr_rgb"] < res["psnr_y"]
+    assert f"{res['psnr_y']:6.3f}" in stdout
+
+
+def test_runtime_command_json(tmp_path, capsys, rfdn_weights):
+    data = _tiny_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "rt.json"
+    code, stdout, _ = _run(capsys, "runtime", "--model", "rfdn", "--weights", str(rfdn_weights), "--data",
+                           str(data), "--device", "cpu", "--trials", "2", "--warmup", "0", "--json", str(out))
+    assert code == 0 and "ms/image" in stdout
+    res = json.loads(out.read_text())
+    assert len(res["trials_ms"]) == 2 and res["ms_per_image"] == min(res["trials_ms"])
+
+
+def test_evaluate_measures_gray_sources_on_one_channel() -> None:
+    """A gray HR (Set14 bridge) is compared on its gray channel, not on a replicated RGB copy."""
+    import numpy as np
+    import torch.nn.functional as F
+    from torch import nn
+
+    from effsr.data import make_pair
+    from effsr.inference import evaluate
+
+    class Bicubicish(nn.Module):
+        scale, input_range = 4, 255.0
+
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=4, mode="nearest") + torch.tensor([0.0, 3.0, -3.0]).view(1, 3, 1, 1)
+
+    gray = np.full((32, 36), 100, dtype=np.uint8)
+    pair = make_pair("g", np.repeat(gray[:, :, None], 3, axis=2), scale=4, gray=True)
+    as_rgb = make_pair("g", np.repeat(gray[:, :, None], 3, axis=2), scale=4, gray=False)
+    net = Bicubicish()
+    g, c = evaluate(net, [pair], progress=False), evaluate(net, [as_rgb], progress=False)
+    # the +3/-3 channel offsets cancel in the gray mean (exact output), not in the RGB measurement
+    assert g["psnr_rgb"] == float("inf") and g["psnr_y"] == float("inf")
+    assert c["psnr_rgb"] == pytest.approx(10 * np.log10(255.0**2 / 6.0))
