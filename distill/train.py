@@ -1,0 +1,227 @@
+"""``train_steps``: a small training loop for a Distiller (or :class:`Supervised`), single-process or DDP.
+
+Under ``torchrun`` it joins the process group from the environment, wraps the module in
+DistributedDataParallel, shards a Dataset with a DistributedSampler (``batch_size`` is per process), shows a tqdm
+bar on rank 0 and writes checkpoints from rank 0 only. Checkpoints hold tensors and plain values only
+(``torch.load(..., weights_only=True)``): the trainable module's ``state_dict`` (student + adapters), the optimizer
+and scheduler states and the step; they are written atomically every ``checkpoint_every`` steps, at the end, and
+on ``KeyboardInterrupt``; with ``resume=True`` a later call continues from the saved step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from . import ddp as ddp_utils
+
+__all__ = ["train_steps", "TrainResult", "save_checkpoint", "load_checkpoint"]
+
+OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFn = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_steps` did: steps run now (``steps_run``) out of ``step`` total, timing and loss history."""
+
+    step: int
+    start_step: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: str | None = None
+    interrupted: bool = False
+    world_size: int = 1
+
+    @property
+    def steps_run(self) -> int:
+        return self.step - self.start_step
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps_run"] = self.steps_run
+        return d
+
+
+def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, step: int = 0) -> None:
+    """Atomically write ``{"model", "optimizer", "scheduler", "step"}`` (tensors and plain values) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"model": ddp_utils.unwrap(module).state_dict(), "step": int(step)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, map_location: str | torch.device = "cpu") -> int:
+    """Load a :func:`save_checkpoint` file (``weights_only=True``) into the given objects; returns the step."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    ddp_utils.unwrap(module).load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state.get("step", 0))
+
+
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        for obj in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+            if hasattr(obj, "set_epoch"):  # DistributedSampler order; PatchDataset crops
+                obj.set_epoch(epoch)
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError("data yields no batches (dataset smaller than batch_size * world_size?)")
+        epoch += 1
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def train_steps(
+    module: nn.Module,
+    data: Dataset | DataLoader,
+    steps: int,
+    optimizer_fn: OptimizerFn | None = None,
+    *,
+    lr: float = 2e-4,
+    batch_size: int = 16,
+    scheduler_fn: SchedulerFn | None = None,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    grad_clip: float | None = None,
+    log_every: int = 10,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    ctx: ddp_utils.DistContext | None = None,
+) -> TrainResult:
+    """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
+    until it has done ``steps`` optimizer steps in total (counting steps restored from ``checkpoint``).
+
+    Args:
+        data: a map-style dataset (e.g. :class:`effsr.data.PatchDataset`) of ``(lr, hr)`` pairs in [0, 1]
+            (sampled with a seeded RandomSampler, or a DistributedSampler under DDP) or a ready DataLoader.
+        optimizer_fn: ``params -> Optimizer``; default ``Adam(params, lr=lr)`` (the report's teams all use Adam).
+        scheduler_fn: ``optimizer -> scheduler``, stepped once per step.
+        device: default: ``ctx.device`` (``cuda:LOCAL_RANK`` under torchrun with nccl, else CPU).
+        ctx: a :class:`distill.ddp.DistContext`; default :func:`distill.ddp.init_from_env` (joins torchrun's group).
+
+    Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
+    """
+    _check_int("steps", steps, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    _check_int("log_every", log_every, 1)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
+    ctx = ctx or ddp_utils.init_from_env(device=device)
+    dev = torch.device(device) if device is not None else ctx.device
+    module.to(dev)
+
+    if isinstance(data, DataLoader):
+        loader = data
+    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if ctx.distributed:
+            sampler = DistributedSampler(data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                         seed=seed, drop_last=True)
+        else:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                            pin_memory=dev.type == "cuda")
+    else:
+        raise TypeError(
+            f"data must be a map-style dataset (__len__, __getitem__) or a DataLoader, got {type(data).__name__}"
+        )
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("module has no parameters that require grad")
+    optimizer = optimizer_fn(params) if optimizer_fn is not None else torch.optim.Adam(params, lr=lr)
+    scheduler = scheduler_fn(optimizer) if scheduler_fn is not None else None
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    start = 0
+    if ckpt is not None and resume and ckpt.is_file():
+        start = load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
+    model = ddp_utils.wrap(module, ctx)  # after loading: every rank starts from the same weights anyway
+    model.train()
+
+    result = TrainResult(step=start, start_step=start, seconds=0.0, world_size=ctx.world_size,
+                         checkpoint=str(ckpt) if ckpt is not None else None)
+
+    def save() -> None:
+        if ckpt is not None and ctx.is_main:
+            save_checkpoint(ckpt, module, optimizer, scheduler, result.step)
+
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
+               desc="distill", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    sums: dict[str, float] = {}
+    count = 0
+    try:
+        batches = _batches(loader)
+        while result.step < steps:
+            lr_img, hr_img = next(batches)[:2]
+            lr_img = lr_img.to(dev, non_blocking=True)
+            hr_img = hr_img.to(dev, non_blocking=True)
+            loss, parts = model(lr_img, hr_img)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {result.step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            result.step += 1
+            count += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if result.step % log_every == 0 or result.step == steps:
+                entry = {"step": float(result.step), **{k: v / count for k, v in sums.items()}}
+                result.history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4g}")
+                sums, count = {}, 0
+            bar.update(1)
+            if result.step % checkpoint_every == 0:
+                save()
+    except KeyboardInterrupt:
+        result.interrupted = True
+        save()
+        raise
+    finally:
+        result.seconds = time.perf_counter() - t0
+        bar.close()
+    save()
+    return result
