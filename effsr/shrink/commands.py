@@ -1,0 +1,162 @@
+"""``effsr shrink`` and ``effsr demo`` (registered with :func:`effsr.cli.command` when imported)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effsr.cli import CLIError, command
+
+__all__: list[str] = []
+
+
+def _shrink_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="NAME", help="teacher network name (effsr.models)")
+    p.add_argument("--weights", required=True, metavar="PATH", help="teacher checkpoint (.pth or .safetensors)")
+    p.add_argument("--model-config", default=None, metavar="JSON",
+                   help='width/depth of the teacher checkpoint if not the official one, e.g. \'{"nf": 24}\'')
+    p.add_argument("--train-data", required=True, metavar="DIR",
+                   help="training images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image photos)")
+    p.add_argument("--eval-data", required=True, action="append", metavar="DIR",
+                   help="evaluation set (repeat for several)")
+    p.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
+                   help="fraction of filters to remove, in [0, 1) (default 0: no pruning)")
+    p.add_argument("--prune-steps", type=int, default=1, metavar="K",
+                   help="pruning rounds (AGP schedule), distillation after each (default 1)")
+    p.add_argument("--tucker", type=float, default=None, metavar="FRACTION",
+                   help="Tucker-2: keep this fraction of each 3x3 conv's parameters, in (0, 1] (default: off)")
+    p.add_argument("--tucker-min-channels", type=int, default=16, metavar="N",
+                   help="skip convs with fewer channels than this (default 16)")
+    p.add_argument("--repify", default=None, metavar="BLOCK",
+                   help="turn the student's 3x3 convs into this rep block first (ecb, rrrb, dbb, ...)")
+    p.add_argument("--steps", type=int, default=100, metavar="N",
+                   help="distillation steps after repify, each pruning step and Tucker (default 100)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=48, metavar="N", help="LR patch size (default 48)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (Adam, default 1e-4)")
+    p.add_argument("--feature-weight", type=float, default=0.1,
+                   help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="output folder (default runs/shrink_<model>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure the official checkpoints (default: when the shared data is found)")
+    p.add_argument("--peers-dir", default=None, metavar="DIR", help="folder of the official checkpoints")
+    p.add_argument("--max-train-images", type=int, default=None, metavar="N")
+    p.add_argument("--max-eval-images", type=int, default=None, metavar="N")
+    p.add_argument("--runtime-trials", type=int, default=3, metavar="N")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _model_config(text: str | None) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CLIError(f"--model-config: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"--model-config: expected a JSON object like '{{\"nf\": 24}}', got {text!r}")
+    return value
+
+
+def _config(args: argparse.Namespace):  # -> ShrinkConfig
+    from .config import ShrinkConfig
+
+    cfg = ShrinkConfig(
+        model=args.model, weights=args.weights, train_data=args.train_data, eval_data=list(args.eval_data),
+        out=args.out or f"runs/shrink_{args.model}", prune=args.prune, prune_steps=args.prune_steps,
+        tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
+        patch_size=args.patch_size, lr=args.lr, feature_weight=args.feature_weight, device=args.device,
+        seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
+        max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
+        runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
+        progress=not args.no_progress, model_config=_model_config(args.model_config))
+    try:
+        return cfg.validate()
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CLIError(f"--threads must be an int >= 1, got {n!r}")
+    torch.set_num_threads(n)
+
+
+def _print_summary(out: str | Path, seconds: float | None = None) -> None:
+    from .report import read_report, summary_table
+
+    data = read_report(out)
+    print(summary_table(data, markdown_table=False))
+    extra = f" in {seconds:.0f} s" if seconds is not None else ""
+    print(f"\nrun folder{extra}: {out} (student.safetensors, report.md, report.json, frontier.png)")
+
+
+@command("shrink", help="compress a trained network: repify, prune, fuse, Tucker, distil; report",
+         arguments=_shrink_args)
+def _shrink(args: argparse.Namespace) -> int:
+    import time
+
+    from .pipeline import run_shrink
+
+    cfg = _config(args)  # every argument checked before any work
+    _set_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        results = run_shrink(cfg)
+    except (ValueError, FileNotFoundError) as err:  # bad data / checkpoint found while loading
+        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    if results.get("is_main", True):  # under torchrun only rank 0 wrote the report
+        _print_summary(cfg.out, time.perf_counter() - t0)
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", metavar="RUN_DIR", help="output folder (default runs/demo)")
+    p.add_argument("--steps", type=int, default=60, metavar="N",
+                   help="distillation steps per student stage (default 60)")
+    p.add_argument("--teacher-steps", type=int, default=800, metavar="N",
+                   help="training steps of the demo teacher (default 800)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nf", type=int, default=24, help="teacher width (default 24)")
+    p.add_argument("--prune", type=float, default=0.3, metavar="RATIO")
+    p.add_argument("--tucker", type=float, default=0.7, metavar="FRACTION")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure the official checkpoints if the shared data is found (default: no)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: the demo's small convs gain little from more, and lose a "
+                        "lot on a busy machine)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("demo", help="the whole shrink pipeline offline on scikit-image's photos (a few minutes on CPU)",
+         arguments=_demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .demo import run_demo
+
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be an int >= 1, got {args.threads}")
+    t0 = time.perf_counter()
+    _set_threads(args.threads)
+    try:
+        run_demo(args.out, steps=args.steps, teacher_steps=args.teacher_steps, seed=args.seed, nf=args.nf,
+                 prune=args.prune, tucker=args.tucker, device=args.device, resume=args.resume,
+                 peers=args.peers, progress=not args.no_progress)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    _print_summary(args.out, time.perf_counter() - t0)
+    sys.stdout.flush()
+    return 0

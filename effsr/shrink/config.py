@@ -1,0 +1,201 @@
+"""``ShrinkConfig``: every setting of a shrink run, validated up front (before any work is done)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ShrinkConfig", "find_peers_dir", "PEER_CHECKPOINTS"]
+
+#: Official checkpoints of the shared data set and the network each one is (file name -> model name).
+PEER_CHECKPOINTS = {
+    "rfdn_aim2020.pth": "rfdn",
+    "rfdn_pruned_ntire2022.pth": "rfdn_pruned",
+    "rlfn_ntire2022.pth": "rlfn",
+    "fmen_ntire2022.pth": "fmen",
+    "imdn_aim2019.pth": "imdn",
+}
+
+
+def find_peers_dir(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The shared-data checkpoints folder: ``explicit``, else ``$EFFSR_DATA/checkpoints``, else
+    ``../shared/data/checkpoints`` relative to the current directory; None when none exists."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("EFFSR_DATA")
+    candidates = [Path(env) / "checkpoints"] if env else []
+    candidates.append(Path.cwd().parent / "shared" / "data" / "checkpoints")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+@dataclasses.dataclass
+class ShrinkConfig:
+    """Settings of ``effsr shrink`` (see docs/shrink.md). Call :meth:`validate` before running.
+
+    ``prune=0`` skips pruning, ``tucker=None`` skips Tucker, ``repify=None`` skips repify. ``steps`` is
+    the number of distillation fine-tuning steps after repify, after *each* pruning step and after Tucker.
+    ``train_data`` / ``eval_data`` are folders (``HR/`` [+ ``LR_bicubic/X4``]) or ``"default"``
+    (scikit-image photos); ``model_config`` is passed to ``effsr.models.load`` (e.g. ``{"nf": 24}``).
+    """
+
+    model: str
+    weights: str
+    train_data: str
+    eval_data: list[str]
+    out: str
+    prune: float = 0.0
+    prune_steps: int = 1
+    tucker: float | None = None
+    repify: str | None = None
+    steps: int = 100
+    batch_size: int = 16
+    patch_size: int = 48
+    lr: float = 1e-4
+    feature_weight: float = 0.1
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    peers: bool | None = None
+    peers_dir: str | None = None
+    max_train_images: int | None = None
+    max_eval_images: int | None = None
+    runtime_trials: int = 3
+    verify_images: int = 3
+    verify_tolerance: float = 1e-4
+    tucker_min_channels: int = 16
+    progress: bool = True
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # ----------------------------------------------------------------------------------- validation
+    def validate(self, check_files: bool = True) -> "ShrinkConfig":
+        """Raise ``ValueError``/``TypeError`` naming the argument for any invalid setting; returns self."""
+        from effsr import models
+
+        if not isinstance(self.model, str) or self.model not in models.names():
+            raise ValueError(f"--model: unknown model {self.model!r}; choose from {', '.join(models.names())}")
+        if not _is_num(self.prune) or not 0.0 <= float(self.prune) < 1.0:
+            raise ValueError(f"--prune: the ratio of filters to remove must be in [0, 1), got {self.prune!r}")
+        if not _is_int(self.prune_steps) or self.prune_steps < 1:
+            raise ValueError(f"--prune-steps must be an int >= 1, got {self.prune_steps!r}")
+        if self.tucker is not None and (not _is_num(self.tucker) or not 0.0 < float(self.tucker) <= 1.0):
+            raise ValueError(f"--tucker: the fraction of conv parameters to keep must be in (0, 1], got {self.tucker!r}")
+        if self.repify is not None:
+            self._check_block(self.repify)
+        for name in ("steps",):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"--{name} must be an int >= 0, got {v!r}")
+        for name in ("batch_size", "patch_size", "runtime_trials", "verify_images", "tucker_min_channels"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
+        if self.patch_size < 16:
+            raise ValueError(f"--patch-size must be >= 16 LR pixels (ESA pools 7x7 after a stride-2 conv), "
+                             f"got {self.patch_size}")
+        for name in ("max_train_images", "max_eval_images"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
+        if not _is_num(self.lr) or self.lr <= 0:
+            raise ValueError(f"--lr must be a number > 0, got {self.lr!r}")
+        if not _is_num(self.feature_weight) or self.feature_weight < 0:
+            raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
+        if not _is_num(self.verify_tolerance) or self.verify_tolerance <= 0:
+            raise ValueError(f"verify_tolerance must be a number > 0, got {self.verify_tolerance!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"--seed must be an int, got {self.seed!r}")
+        if not isinstance(self.model_config, dict):
+            raise TypeError(f"model_config must be a dict, got {type(self.model_config).__name__}")
+        self._check_device()
+        if isinstance(self.eval_data, (str, os.PathLike)):
+            self.eval_data = [str(self.eval_data)]
+        if not self.eval_data:
+            raise ValueError("--eval-data: give at least one evaluation set")
+        if check_files:
+            self._check_files()
+        self._check_out()
+        return self
+
+    @staticmethod
+    def _check_block(name: str) -> None:
+        import reparam
+        from effsr.models.conv import normalize_conv
+
+        if not isinstance(name, str) or name.lower() not in reparam.BLOCKS:
+            raise ValueError(f"--repify: unknown block {name!r}; choose from {', '.join(sorted(reparam.BLOCKS))}")
+        try:
+            normalize_conv(name)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--repify: block {name!r} cannot replace a 3x3 conv ({err})") from None
+
+    def _check_device(self) -> None:
+        import torch
+
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device: unknown device {self.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+
+    def _check_files(self) -> None:
+        w = Path(self.weights)
+        if not w.is_file():
+            raise ValueError(f"--weights: checkpoint file not found: {self.weights}")
+        for arg, spec in [("--train-data", self.train_data)] + [("--eval-data", e) for e in self.eval_data]:
+            if spec == "default":
+                continue
+            p = Path(spec)
+            if not p.is_dir():
+                raise ValueError(f"{arg}: data folder not found: {spec}")
+        if self.peers_dir is not None and self.peers and not Path(self.peers_dir).is_dir():
+            raise ValueError(f"--peers-dir: folder not found: {self.peers_dir}")
+
+    def _check_out(self) -> None:
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {self.out} exists and is not a directory")
+        stages = out / "stages"
+        if stages.is_dir() and any(stages.iterdir()) and not self.resume:
+            raise ValueError(f"--out: {self.out} already holds a shrink run; pass --resume to continue it or "
+                             "choose another folder")
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"--out: {parent} is not writable")
+
+    # ----------------------------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the result (a resumed run must match the stages on disk)."""
+        skip = {"out", "resume", "progress", "peers", "peers_dir", "runtime_trials", "device", "eval_data",
+                "max_eval_images", "verify_images"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        d["weights"] = str(Path(self.weights).resolve()) if self.weights else None
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def use_peers(self) -> Path | None:
+        """The checkpoints folder to evaluate peers from, or None (``peers=None``: on when it exists)."""
+        if self.peers is False:
+            return None
+        d = find_peers_dir(self.peers_dir)
+        if d is None or not d.is_dir():
+            return None
+        return d

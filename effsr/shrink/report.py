@@ -1,0 +1,243 @@
+"""Measuring teacher, student and peers, and writing ``report.json``, ``report.md`` and ``frontier.png``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from .config import PEER_CHECKPOINTS
+
+__all__ = ["PUBLISHED", "measure", "measure_all", "write_outputs", "markdown", "summary_table", "plot_frontier"]
+
+#: Published numbers (Y-PSNR on Set5 x4, dB) of the peers, from their papers / the NTIRE 2022 ESR report.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "rfdn_pruned": {"params": 289_888, "psnr_y": {"set5": 32.12}, "source": "MegSR pruned RFDN, NTIRE 2022 ESR"},
+    "imdn": {"params": 893_936, "psnr_y": {"set5": 32.21}, "source": "IMDN (AIM 2019)"},
+}
+
+
+def measure(label: str, kind: str, model: nn.Module, eval_sets: Mapping[str, list[Any]], device: Any,
+            runtime_trials: int, evals: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Challenge profile (3x256x256), runtime on the first eval set's LR images, and PSNR/SSIM per set."""
+    from effsr import inference, metrics
+
+    prof = metrics.profile(model).as_dict()
+    first = next(iter(eval_sets.values()))
+    rt = metrics.runtime(model, [p.lr for p in first], device=device, trials=runtime_trials, warmup=1)
+    if evals is None:
+        evals = {}
+        for name, pairs in eval_sets.items():
+            r = inference.evaluate(model, pairs, progress=progress, device=device)
+            evals[name] = {k: r[k] for k in ("psnr_rgb", "psnr_y", "ssim_y", "images")}
+    return {"label": label, "kind": kind, "arch": getattr(model, "arch", None), **prof,
+            "runtime_ms": rt["ms_per_image"], "runtime_device": rt["device"], "runtime_threads": rt.get("threads"),
+            "eval": {k: {kk: vv for kk, vv in v.items() if kk != "per_image"} for k, v in evals.items()},
+            "per_image": {k: v.get("per_image") for k, v in evals.items() if v.get("per_image") is not None}}
+
+
+def measure_all(state: Any, student: nn.Module, teacher_eval: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Rows for the teacher, the student and every peer checkpoint found (``state`` is a pipeline RunState)."""
+    from effsr import models
+
+    cfg = state.cfg
+    rows = [
+        measure(state.teacher_label, "teacher", state.teacher, state.eval_sets, state.device, cfg.runtime_trials,
+                evals=teacher_eval, progress=cfg.progress),
+        measure("student", "student", student, state.eval_sets, state.device, cfg.runtime_trials,
+                progress=cfg.progress),
+    ]
+    state.log(f"student: {rows[1]['params']:,} params, {rows[1]['flops'] / 1e9:.2f} G FLOPs; " + ", ".join(
+        f"{k} PSNR-Y {v['psnr_y']:.3f}" for k, v in rows[1]["eval"].items()))
+    peers_dir = cfg.use_peers()
+    skipped = []
+    if peers_dir is not None:
+        teacher_file = Path(cfg.weights).resolve()
+        for fname, name in PEER_CHECKPOINTS.items():
+            path = peers_dir / fname
+            if not path.is_file():
+                skipped.append(f"{fname} (not found)")
+                continue
+            if path.resolve() == teacher_file:
+                rows[0]["label"] = f"{state.teacher_label} ({name})"
+                continue
+            try:
+                peer = models.load(name, path)
+            except (ValueError, KeyError, RuntimeError, OSError) as err:
+                skipped.append(f"{fname} ({err})")
+                continue
+            rows.append(measure(name, "peer", peer, state.eval_sets, state.device, cfg.runtime_trials,
+                                progress=cfg.progress))
+            state.log(f"peer {name}: " + ", ".join(f"{k} PSNR-Y {v['psnr_y']:.3f}" for k, v in rows[-1]["eval"].items()))
+    for row in rows:
+        for name, pub in PUBLISHED.items():
+            if row["arch"] == name or row["label"] == name:
+                row["published"] = pub
+    return {"models": rows, "bicubic": bicubic(state.eval_sets), "eval_sets": list(state.eval_sets),
+            "peers_dir": str(peers_dir) if peers_dir else None, "peers_skipped": skipped}
+
+
+def bicubic(eval_sets: Mapping[str, list[Any]]) -> dict[str, dict[str, float]]:
+    """PSNR-Y / PSNR-RGB of MATLAB-style bicubic upscaling per eval set (the floor any network must beat)."""
+    import numpy as np
+
+    from effsr import quality
+    from effsr.imresize import imresize
+
+    out = {}
+    for name, pairs in eval_sets.items():
+        ys, rgbs = [], []
+        for p in pairs:
+            sr = imresize(p.lr, scale=4.0)
+            hr = p.hr[: sr.shape[0], : sr.shape[1]]
+            sr = sr[: hr.shape[0], : hr.shape[1]]
+            ys.append(quality.psnr(sr, hr, shave=4, y_channel=True))
+            rgbs.append(quality.psnr(sr, hr, shave=4, y_channel=False))
+        out[name] = {"psnr_y": float(np.mean(ys)), "psnr_rgb": float(np.mean(rgbs))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v, spec)
+
+
+def summary_table(data: Mapping[str, Any], markdown_table: bool = True) -> str:
+    """The models table (params, FLOPs, activations, convs, runtime, PSNR-Y / PSNR-RGB per set)."""
+    sets = list(data["eval_sets"])
+    head = ["model", "params", "FLOPs [G]", "acts [M]", "convs", "runtime [ms/img]"]
+    for s in sets:
+        head += [f"{s} PSNR-Y", f"{s} PSNR-RGB"]
+    head.append("published")
+    rows = []
+    for m in data["models"]:
+        r = [m["label"], f"{m['params']:,}", _fmt(m["flops"] / 1e9, ".2f"), _fmt(m["activations"] / 1e6, ".2f"),
+             str(m["convs"]), _fmt(m["runtime_ms"], ".1f") + (f" ({m['runtime_device']})" if markdown_table else "")]
+        for s in sets:
+            e = m["eval"].get(s, {})
+            r += [_fmt(e.get("psnr_y"), ".3f"), _fmt(e.get("psnr_rgb"), ".3f")]
+        pub = m.get("published")
+        r.append(", ".join(f"{k} Y {v}" for k, v in pub["psnr_y"].items()) if pub else "")
+        rows.append(r)
+    if data.get("bicubic"):
+        r = ["bicubic", "0", "–", "–", "0", "–"]
+        for s in sets:
+            e = data["bicubic"].get(s, {})
+            r += [_fmt(e.get("psnr_y"), ".3f"), _fmt(e.get("psnr_rgb"), ".3f")]
+        rows.append(r + [""])
+    if markdown_table:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+
+def markdown(data: Mapping[str, Any]) -> str:
+    """The text of ``report.md``."""
+    cfg = data.get("config", {})
+    stages = data.get("stages", {})
+    lines = ["# effsr shrink report", "",
+             f"Teacher `{cfg.get('model')}` from `{cfg.get('weights')}`; student weights `{data.get('student_file')}` "
+             f"(reload: `effsr eval --model {cfg.get('model')} --weights {data.get('student_file')}` or "
+             "`effsr.shrink.load_student`).", "",
+             "FLOPs = multiply-accumulates on a 3x256x256 input, activations = conv output elements, convs = conv "
+             "layers run (NTIRE ESR convention); runtime = best of "
+             f"{cfg.get('runtime_trials')} passes over the first eval set's LR images; PSNR on RGB uint8 outputs, "
+             "4 px shaved, Y = BT.601.", "", summary_table(data), "", "## Stages", ""]
+    for name, info in stages.items():
+        if not info:
+            lines.append(f"* **{name}**: skipped")
+            continue
+        extra = []
+        if name == "teacher":
+            extra.append(f"{info.get('arch')} with {info.get('params'):,} params" + "".join(
+                f"; {k} PSNR-Y {v['psnr_y']:.3f} dB" for k, v in (info.get("eval") or {}).items()))
+        if name == "repify":
+            extra.append(f"block {info.get('block')}, training-form params {info.get('params_training_form'):,}")
+        if name == "prune":
+            extra.append(f"ratio {info.get('ratio')}: params {info.get('params_before'):,} -> {info.get('params_after'):,}")
+            fts = [h["finetune"] for h in info.get("history", []) if isinstance(h.get("finetune"), dict)]
+            if fts:
+                extra.append(f"{len(fts)} step(s) of {fts[0].get('steps')} distillation steps, last loss "
+                             f"{_fmt(fts[-1].get('loss_last'), '.4g')}")
+        if name == "fuse":
+            v = info.get("verify_branches", {})
+            extra.append(f"fused vs training form: max relative error {_fmt(v.get('max_rel_error'), '.3g')} on "
+                         f"{v.get('images')} real image(s) (tolerance {v.get('tolerance')})")
+        if name == "tucker":
+            extra.append(f"keep {info.get('fraction')}: {info.get('decomposed')} conv(s) decomposed, params "
+                         f"{info.get('params_before'):,} -> {info.get('params_after'):,}")
+        ft = info.get("finetune")
+        if isinstance(ft, dict) and ft.get("steps"):
+            extra.append(f"{ft['steps']} distillation steps, loss {_fmt(ft.get('loss_first'), '.4g')} -> "
+                         f"{_fmt(ft.get('loss_last'), '.4g')}")
+        lines.append(f"* **{name}** ({_fmt(info.get('seconds'), '.1f')} s): " + "; ".join(extra))
+    rc = data.get("reload_check")
+    if rc:
+        lines += ["", f"Reloaded student vs in-memory student: max relative error {rc['max_rel_error']:.3g}."]
+    if data.get("peers_skipped"):
+        lines += ["", "Peers not evaluated: " + ", ".join(data["peers_skipped"])]
+    lines += ["", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """``frontier.png``: PSNR-Y on the first eval set vs params and vs FLOPs, every point labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    first = data["eval_sets"][0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"teacher": "tab:blue", "student": "tab:red", "peer": "tab:gray"}
+    for ax, key, scale, xlabel in ((axes[0], "params", 1e3, "parameters [K]"),
+                                   (axes[1], "flops", 1e9, "FLOPs (MACs, 3x256x256) [G]")):
+        for i, m in enumerate(data["models"]):
+            y = m["eval"].get(first, {}).get("psnr_y")
+            if y is None:
+                continue
+            x = m[key] / scale
+            ax.scatter([x], [y], color=colors.get(m["kind"], "k"), s=60 if m["kind"] == "student" else 35,
+                       zorder=3, marker="*" if m["kind"] == "student" else "o")
+            ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)
+        bic = (data.get("bicubic") or {}).get(first, {}).get("psnr_y")
+        if bic is not None:
+            ax.axhline(bic, color="tab:green", ls="--", lw=1, label=f"bicubic {bic:.2f} dB")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"PSNR-Y on {first} [dB]")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("effsr shrink: quality vs size")
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def write_outputs(run_dir: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """``report.json``, ``report.md`` and ``frontier.png`` in ``run_dir`` (each written atomically)."""
+    from .pipeline import _write_json
+
+    run_dir = Path(run_dir)
+    _write_json(run_dir / "report.json", data)
+    md = run_dir / "report.md"
+    tmp = md.with_name(f".report.md.tmp{os.getpid()}")
+    tmp.write_text(markdown(data), encoding="utf-8")
+    os.replace(tmp, md)
+    plot_frontier(data, run_dir / "frontier.png")
+
+
+def read_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``report.json`` of a finished run."""
+    return json.loads((Path(run_dir) / "report.json").read_text(encoding="utf-8"))
