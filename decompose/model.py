@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,22 +14,13 @@ from tqdm.auto import tqdm
 from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import LayerReport, TuckerReport
 from .tucker import TuckerConv, _build, recompose, tucker_factors
+from reparam.convert import Selector, name_selector
 
 __all__ = ["tucker_model", "recompose_model", "eligible_convs"]
 
-Selector = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
 ONE_BY_ONE_REASON = "1x1: low-rank factorisation, not Tucker-2 (pass include_1x1=True to decompose)"
 
 
-def _selector(spec: Selector, arg: str, default: bool) -> Callable[[str, nn.Module], bool]:
-    if spec is None:
-        return lambda name, m: default
-    if callable(spec):
-        return spec
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{arg} must be None, a name pattern, a list of name patterns, or a callable(name, module)")
-    return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -123,8 +114,8 @@ def tucker_model(
     # validate a global spec's type once, up front (per-layer range problems are reported per layer)
     if rank is not None and not isinstance(rank, Mapping):
         _check_spec_type(rank)
-    select = _selector(include, "include", True)
-    reject = _selector(exclude, "exclude", False)
+    select = name_selector(include, "include", True)
+    reject = name_selector(exclude, "exclude", False)
     spec_text = f"energy={energy}" if energy is not None else (
         "per-layer dict" if isinstance(rank, Mapping) else f"rank={rank!r}")
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import RepBlock
 
-__all__ = ["BLOCKS", "get_block", "fuse_all", "set_mode", "repify", "rep_blocks"]
+__all__ = ["BLOCKS", "get_block", "fuse_all", "set_mode", "repify", "rep_blocks", "name_selector", "Selector"]
 
 #: Registry of block types by name (filled by ``reparam/__init__``).
 BLOCKS: dict[str, type[RepBlock]] = {}
@@ -86,14 +86,18 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def _selector(include: None | str | Iterable[str] | Callable[[str, nn.Module], bool]) -> Callable[[str, nn.Module], bool]:
-    if include is None:
-        return lambda name, m: True
-    if callable(include):
-        return include
-    patterns = [include] if isinstance(include, str) else list(include)
+Selector = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def name_selector(spec: Selector, arg: str = "include", default: bool = True) -> Callable[[str, nn.Module], bool]:
+    """A ``(name, module) -> bool`` predicate from fnmatch name patterns, a callable, or None (``default``)."""
+    if spec is None:
+        return lambda name, m: default
+    if callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError("include must be None, a name pattern, a list of name patterns, or a callable(name, module)")
+        raise TypeError(f"{arg} must be None, a name pattern, a list of name patterns, or a callable(name, module)")
     return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -113,7 +117,7 @@ def repify(
     Returns a new model unless ``inplace=True``.
     """
     cls = get_block(block)
-    select = _selector(include)
+    select = name_selector(include, "include")
     explicit = include is not None
     out = model if inplace else copy.deepcopy(model)
     targets = [(n, m) for n, m in out.named_modules() if type(m) is nn.Conv2d and n and select(n, m)]

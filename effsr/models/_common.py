@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from torch import nn
+from reparam.base import check_int  # noqa: F401  (one integer validator for the project)
 
 __all__ = ["SRNet", "conv3", "conv1", "check_int", "check_ratio", "check_bool"]
 
@@ -16,15 +17,6 @@ def conv3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1
 def conv1(in_channels: int, out_channels: int) -> nn.Conv2d:
     """A 1x1 conv with bias."""
     return nn.Conv2d(in_channels, out_channels, 1)
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int, or ``TypeError``/``ValueError`` naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def check_ratio(name: str, value: Any) -> float:
