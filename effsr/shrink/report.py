@@ -200,6 +200,8 @@ def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     colors = {"teacher": "tab:blue", "student": "tab:red", "peer": "tab:gray"}
     for ax, key, scale, xlabel in ((axes[0], "params", 1e3, "parameters [K]"),
                                    (axes[1], "flops", 1e9, "FLOPs (MACs, 3x256x256) [G]")):
+        xs = [m[key] / scale for m in data["models"] if m["eval"].get(first, {}).get("psnr_y") is not None]
+        mid = (min(xs) + max(xs)) / 2 if xs else 0.0
         for i, m in enumerate(data["models"]):
             y = m["eval"].get(first, {}).get("psnr_y")
             if y is None:
@@ -207,7 +209,10 @@ def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
             x = m[key] / scale
             ax.scatter([x], [y], color=colors.get(m["kind"], "k"), s=60 if m["kind"] == "student" else 35,
                        zorder=3, marker="*" if m["kind"] == "student" else "o")
-            ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)
+            right = x > mid  # labels of right-half points go to their left, so they stay inside the axes
+            ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(-5 if right else 5, 4 if i % 2 else -11),
+                        ha="right" if right else "left", fontsize=8)
+        ax.margins(x=0.08, y=0.12)
         bic = (data.get("bicubic") or {}).get(first, {}).get("psnr_y")
         if bic is not None:
             ax.axhline(bic, color="tab:green", ls="--", lw=1, label=f"bicubic {bic:.2f} dB")
