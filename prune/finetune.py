@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from distill.losses import get_loss
 
 __all__ = ["fresh_optimizer", "sr_finetune"]
 
@@ -57,15 +58,7 @@ def sr_finetune(
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if isinstance(loss, str):
-        losses = {"l1": nn.functional.l1_loss, "l2": nn.functional.mse_loss, "mse": nn.functional.mse_loss}
-        if loss not in losses:
-            raise ValueError(f"loss must be one of {sorted(losses)} or a callable, got {loss!r}")
-        loss_fn = losses[loss]
-    elif callable(loss):
-        loss_fn = loss
-    else:
-        raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
+    loss_fn = get_loss(loss, "loss")  # one loss-name resolver for the project (l1, l2/mse, charbonnier, ...)
     batches = itertools.cycle(loader) if not hasattr(loader, "__next__") else loader
 
     def run(model: nn.Module, step: int) -> dict[str, Any]:
