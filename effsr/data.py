@@ -29,6 +29,7 @@ from .imresize import imresize
 __all__ = [
     "IMAGE_EXTENSIONS", "DEFAULT_IMAGES", "read_image", "write_image", "SRPair", "SRFolder",
     "default_images", "open_dataset", "PatchDataset", "make_pair", "cache_root",
+    "PatchSelection", "select_patch_pairs", "MAX_AUTO_PATCH", "MIN_PATCH",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -155,17 +156,22 @@ def make_pair(name: str, hr: np.ndarray, scale: int = 4, gray: bool = False) -> 
 
 
 def cache_root() -> Path:
-    """Folder for generated LR images when the data folder is not writable:
-    ``$EFFSR_CACHE`` or ``~/.cache/effsr``."""
+    """The user's effsr cache folder (generated LR images live under ``<cache_root>/lr/``).
+
+    ``$EFFSR_CACHE`` if set, else ``$XDG_CACHE_HOME/effsr``, else ``~/.cache/effsr``. effsr never writes
+    into a data folder: a dataset the user points at is only ever read.
+    """
     env = os.environ.get("EFFSR_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "effsr"
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "effsr"
 
 
 def _writable(folder: Path) -> bool:
     """Whether we may create files in ``folder`` (or its nearest existing parent).
 
-    A folder whose permission bits grant nobody write access counts as read-only even for root,
-    so shared read-only data is never written to.
+    A folder whose permission bits grant nobody write access counts as read-only even for root.
     """
     p = folder
     while not p.exists():
@@ -192,10 +198,10 @@ class SRFolder(Sequence):
     * ``root/HR/*.png`` and ``root/LR_bicubic/X4/<name>x4.png`` (the benchmark layout). HR is cropped
       top-left to ``4 x`` the LR size; any other size mismatch raises ``ValueError`` naming the image.
     * HR only: ``root/HR/`` or ``root`` itself holds the images. HR is cropped to a multiple of 4 and
-      LR is made with :func:`effsr.imresize.imresize`. Generated LR images are cached as PNG in
-      ``root/.effsr_cache/X4/`` when ``root`` is writable (folders whose permission bits deny writing
-      count as read-only, even for root), else under :func:`cache_root`; files are written
-      to a temporary name and renamed, and are remade when older than their HR image.
+      LR is made with :func:`effsr.imresize.imresize`. Generated LR images are cached as PNG under
+      :func:`cache_root` (``lr/<folder name>-<hash of its path>/X4/``), or in ``cache_dir`` when given --
+      never inside ``root``, which is only read. Files are written to a temporary name and renamed, and
+      are remade when older than their HR image; a cache that cannot be written only costs a warning.
 
     Gray images are returned as 3 identical channels (``SRPair.gray`` is set).
     """
@@ -270,8 +276,7 @@ class SRFolder(Sequence):
         if self._cache_dir is not None:
             return [self._cache_dir / f"X{self.scale}"]
         digest = hashlib.sha1(str(self.hr_dir.resolve()).encode()).hexdigest()[:12]
-        return [self.root / ".effsr_cache" / f"X{self.scale}",
-                cache_root() / "lr" / f"{self.root.resolve().name}-{digest}" / f"X{self.scale}"]
+        return [cache_root() / "lr" / f"{self.root.resolve().name}-{digest}" / f"X{self.scale}"]
 
     def _generated(self, hr_path: Path, hr: np.ndarray, gray: bool) -> SRPair:
         name = hr_path.stem
@@ -361,6 +366,69 @@ def open_dataset(path: str | os.PathLike, scale: int = 4) -> SRFolder | list[SRP
 
 
 # --------------------------------------------------------------------------------------------- patches
+#: Largest LR patch side that ``patch_size=None`` ("auto") picks: the common 48 x 48 of ESR training recipes.
+MAX_AUTO_PATCH = 48
+#: Smallest LR patch side accepted by the training code (ESA pools 7 x 7 after a stride-2 conv).
+MIN_PATCH = 16
+
+
+@dataclass(frozen=True)
+class PatchSelection:
+    """The training pairs that fit ``patch_size``, and the names of those that do not (see :func:`select_patch_pairs`)."""
+
+    pairs: list[SRPair]
+    patch_size: int
+    dropped: list[str]
+    considered: int
+    auto: bool
+
+    def message(self) -> str:
+        """One line saying which patch size is used and how many images were left out, and why."""
+        how = f"auto: the smallest LR side, at most {MAX_AUTO_PATCH}" if self.auto else "given"
+        text = (f"patch size {self.patch_size} ({how}); {len(self.pairs)} of {self.considered} training "
+                f"image(s) used")
+        if self.dropped:
+            shown = ", ".join(self.dropped[:8]) + (f", ... ({len(self.dropped) - 8} more)"
+                                                   if len(self.dropped) > 8 else "")
+            text += (f"; {len(self.dropped)} left out because their LR image is smaller than "
+                     f"{self.patch_size} x {self.patch_size}: {shown}")
+        return text
+
+
+def select_patch_pairs(pairs: Sequence[SRPair], patch_size: int | None = None,
+                       limit: int | None = None) -> PatchSelection:
+    """Pick the pairs a ``patch_size x patch_size`` LR crop fits into.
+
+    ``patch_size=None`` ("auto") uses all the data: the patch side is the smallest LR side among the
+    pairs, capped at :data:`MAX_AUTO_PATCH` and at least :data:`MIN_PATCH` (T91 at x4: 19, so all 91
+    images train; ``default`` photos: 48). Pairs smaller than the patch are left out and *named* in
+    :meth:`PatchSelection.message`. ``limit`` keeps at most that many pairs, in order: with a given
+    ``patch_size`` the first ``limit`` that fit, with auto the first ``limit`` (the patch fits them all).
+    Raises ``ValueError`` naming ``patch_size`` when no pair fits.
+    """
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer))
+                                   or patch_size < 1):
+        raise ValueError(f"patch_size must be a positive int or None (auto), got {patch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    auto = patch_size is None
+    n = len(pairs) if (limit is None or not auto) else min(int(limit), len(pairs))
+    loaded = [pairs[i] for i in range(n)]  # auto + limit: the first `limit` images, whatever their size
+    if not loaded:
+        raise ValueError("pairs is empty: no images to cut patches from")
+    if auto:
+        smallest = min(min(p.lr.shape[:2]) for p in loaded)
+        patch_size = max(MIN_PATCH, min(MAX_AUTO_PATCH, smallest))
+    ps = int(patch_size)
+    fits = [p for p in loaded if min(p.lr.shape[:2]) >= ps]
+    dropped = [p.name for p in loaded if min(p.lr.shape[:2]) < ps]
+    if not fits:
+        largest = max(min(p.lr.shape[:2]) for p in loaded)
+        raise ValueError(f"patch_size: no training image has an LR side >= {ps} (the largest has {largest})")
+    chosen = fits if limit is None else fits[: int(limit)]
+    return PatchSelection(chosen, ps, dropped, len(loaded), auto)
+
+
 class PatchDataset(Dataset):
     """Random aligned training crops: item ``i`` is ``(lr, hr)`` float32 CHW tensors in [0, 1].
 

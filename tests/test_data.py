@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from effsr.data import (DEFAULT_IMAGES, PatchDataset, SRFolder, SRPair, default_images, open_dataset,
-                        read_image, write_image)
+from effsr.data import (DEFAULT_IMAGES, MAX_AUTO_PATCH, MIN_PATCH, PatchDataset, SRFolder, SRPair,
+                        cache_root, default_images, open_dataset, read_image, select_patch_pairs,
+                        write_image)
 from effsr.imresize import imresize
 
 
@@ -143,9 +144,9 @@ def test_srfolder_hr_only_generates_and_caches_lr(tmp_path, cache_env):
     pair = folder[0]
     np.testing.assert_array_equal(pair.hr, hr[:48, :40])
     np.testing.assert_array_equal(pair.lr, imresize(hr[:48, :40], 0.25))
-    cached = tmp_path / ".effsr_cache" / "X4" / "picx4.png"
-    assert cached.is_file() and sorted(p.name for p in cached.parent.iterdir()) == ["picx4.png"]
-    assert not cache_env.exists()
+    cached, = cache_env.rglob("picx4.png")  # in the user cache, never inside the data folder
+    assert cached.parent.name == "X4" and sorted(p.name for p in cached.parent.iterdir()) == ["picx4.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pic.png", "user_cache"]
     # a second read uses the cache: plant a marker value in it and see it come back
     marked = pair.lr.copy()
     marked[0, 0] = (int(marked[0, 0, 0]) + 1) % 256
@@ -184,6 +185,59 @@ def test_srfolder_explicit_cache_dir(tmp_path, cache_env):
     SRFolder(tmp_path / "data", scale=2, cache_dir=tmp_path / "mine")[0]
     assert (tmp_path / "mine" / "X2" / "picx2.png").is_file()
     assert not (tmp_path / "data" / ".effsr_cache").exists()
+
+
+def test_cache_root_env_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("EFFSR_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "effsr"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "effsr"
+    monkeypatch.setenv("EFFSR_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
+def test_srfolder_writable_root_is_never_written(tmp_path, monkeypatch):
+    """A writable data folder stays untouched: the LR cache goes to $XDG_CACHE_HOME/effsr."""
+    monkeypatch.delenv("EFFSR_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    write_image(data / "HR" / "a.png", _rand((24, 20, 3)))
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    SRFolder(data)[0]
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert [p.name for p in (tmp_path / "xdg" / "effsr").rglob("*.png")] == ["ax4.png"]
+
+
+# --------------------------------------------------------------------------- patch selection
+def _pair_of(name: str, h: int, w: int) -> SRPair:
+    return SRPair(name, _rand((h, w, 3)), _rand((4 * h, 4 * w, 3)))
+
+
+def test_select_patch_pairs_auto_uses_every_image():
+    pairs = [_pair_of("big", 60, 70), _pair_of("small", 20, 33), _pair_of("mid", 30, 40)]
+    sel = select_patch_pairs(pairs)
+    assert sel.auto and sel.patch_size == 20 and [p.name for p in sel.pairs] == ["big", "small", "mid"]
+    assert sel.dropped == [] and "3 of 3" in sel.message()
+    PatchDataset(sel.pairs, patch_size=sel.patch_size)  # every image takes the crop
+    assert select_patch_pairs([_pair_of("a", 90, 90)]).patch_size == MAX_AUTO_PATCH  # capped at 48
+    tiny = select_patch_pairs([_pair_of("a", 40, 40), _pair_of("tiny", 8, 9)])
+    assert tiny.patch_size == MIN_PATCH and tiny.dropped == ["tiny"]  # below the network's minimum
+    assert [p.name for p in select_patch_pairs(pairs, limit=2).pairs] == ["big", "small"]
+
+
+def test_select_patch_pairs_explicit_size_names_what_it_drops():
+    pairs = [_pair_of("big", 60, 70), _pair_of("small", 20, 33), _pair_of("mid", 30, 40)]
+    sel = select_patch_pairs(pairs, 32)
+    assert not sel.auto and [p.name for p in sel.pairs] == ["big"] and sel.dropped == ["small", "mid"]
+    msg = sel.message()
+    assert "1 of 3" in msg and "2 left out" in msg and "smaller than 32 x 32" in msg and "small, mid" in msg
+    assert [p.name for p in select_patch_pairs(pairs, 16, limit=2).pairs] == ["big", "small"]
+    with pytest.raises(ValueError, match="patch_size.*largest has 60"):
+        select_patch_pairs(pairs, 61)
+    with pytest.raises(ValueError, match="patch_size"):
+        select_patch_pairs(pairs, 0)
 
 
 # --------------------------------------------------------------------------- defaults and open_dataset
@@ -314,3 +368,14 @@ def test_t91_is_hr_only(shared_data, cache_env):
     pair = folder[0]
     np.testing.assert_array_equal(pair.lr, imresize(pair.hr, 0.25))
     assert [p.name for p in cache_env.rglob("*.png")] == [f"{folder.names[0]}x4.png"]
+
+
+@pytest.mark.data
+def test_t91_auto_patch_uses_all_images(shared_data, cache_env):
+    if not (shared_data / "t91").is_dir():
+        pytest.skip("t91 not in shared data")
+    folder = SRFolder(shared_data / "t91")
+    auto = select_patch_pairs(folder)
+    assert auto.patch_size == 19 and len(auto.pairs) == 91 and not auto.dropped
+    at48 = select_patch_pairs(folder, 48)
+    assert len(at48.pairs) == 40 and len(at48.dropped) == 51 and "51 left out" in at48.message()
