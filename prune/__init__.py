@@ -17,9 +17,11 @@ from .io import load, read_history, save
 from .rep import RepSlicer, branch_slicer, get_slicer, register_rep_block
 from .report import PruneReport, StepReport, channels_per_layer
 from .schedule import agp, linear
+from .calibration import Calibration, ConvStats, im2col
 
 __all__ = [
     "l2_filter_prune", "save", "load", "read_history", "L2FilterImportance", "ActivationImportance", "PruneReport", "StepReport",
     "channels_per_layer", "register_rep_block", "branch_slicer", "get_slicer", "RepSlicer", "build_graph", "SRDependencyGraph", "PixelShuffleIndexError",
     "fresh_optimizer", "sr_finetune", "agp", "linear", "HISTORY_ATTR", "REPORT_ATTR",
+    "Calibration", "ConvStats", "im2col",
 ]
