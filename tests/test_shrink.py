@@ -13,7 +13,7 @@ from effsr import cli, data, inference, models
 from effsr.imresize import imresize
 from effsr.shrink import (ShrinkConfig, VerificationError, build_from_recipe, load_student, read_recipe,
                           save_student, verify_same)
-from effsr.shrink.pipeline import STOP_ENV
+from effsr.shrink.runner import STOP_ENV
 from effsr.shrink.recipe import new_recipe
 
 TINY = {"nf": 8, "num_blocks": 2}

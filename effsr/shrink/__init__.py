@@ -10,10 +10,13 @@ that reloads without pickles (:func:`load_student`). See docs/shrink.md.
 >>> # net = load_student("runs/x/student.safetensors")
 """
 from .config import ShrinkConfig, find_peers_dir
-from .pipeline import STAGES, RunState, StageRunner, VerificationError, run_shrink, verify_same
+from .runner import StageRunner, run_shrink
+from .stages import STAGES, Stage
+from .state import RunState
+from .verify import VerificationError, verify_same
 from .recipe import build_from_recipe, has_recipe, load_student, read_recipe, save_student
 
 __all__ = [
-    "ShrinkConfig", "find_peers_dir", "run_shrink", "STAGES", "RunState", "StageRunner", "VerificationError",
+    "ShrinkConfig", "find_peers_dir", "run_shrink", "STAGES", "Stage", "RunState", "StageRunner", "VerificationError",
     "verify_same", "build_from_recipe", "load_student", "save_student", "read_recipe", "has_recipe",
 ]

@@ -106,7 +106,7 @@ def _print_summary(out: str | Path, seconds: float | None = None) -> None:
 def _shrink(args: argparse.Namespace) -> int:
     import time
 
-    from .pipeline import run_shrink
+    from .runner import run_shrink
 
     cfg = _config(args)  # every argument checked before any work
     _set_threads(args.threads)

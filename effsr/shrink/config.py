@@ -180,10 +180,13 @@ class ShrinkConfig:
             raise ValueError(f"--out: {parent} is not writable")
 
     # ----------------------------------------------------------------------------------- identity
-    def fingerprint(self) -> str:
-        """Hash of the settings that change the result (a resumed run must match the stages on disk)."""
+    def fingerprint(self, exclude: Any = ()) -> str:
+        """Hash of the settings that change the result (a resumed run must match the stages on disk).
+
+        ``exclude``: further field names to leave out (the runner leaves out later stages' settings).
+        """
         skip = {"out", "resume", "progress", "peers", "peers_dir", "runtime_trials", "device", "eval_data",
-                "max_eval_images", "verify_images"}
+                "max_eval_images", "verify_images", *exclude}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         d["weights"] = str(Path(self.weights).resolve()) if self.weights else None
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

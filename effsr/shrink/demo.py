@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from .config import ShrinkConfig
-from .pipeline import _log, seed_everything, verify_same
+from .log import log as shrink_log
+from .seeds import seed_everything
+from .verify import verify_same
 from .recipe import has_recipe, load_student, new_recipe, save_student
 
 __all__ = ["run_demo", "DEMO_TRAIN", "DEMO_EVAL", "split_default_images"]
@@ -71,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 60, teacher_steps: i
              progress: bool = True, peers: bool = False, resume: bool = False,
              runtime_trials: int = 3) -> dict[str, Any]:
     """Run the demo into ``out``; returns the report data (also in ``out/report.json``)."""
-    from .pipeline import run_shrink
+    from .runner import run_shrink
     from .report import read_report
 
     out = Path(out)
@@ -87,7 +89,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 60, teacher_steps: i
     cfg.validate(check_files=False)  # every argument checked before any work
     train_pairs, eval_pairs = split_default_images()
     out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: _log(msg, True, out / "log.txt")  # noqa: E731
+    log = lambda msg: shrink_log(msg, True, out / "log.txt")  # noqa: E731
     t0 = time.perf_counter()
     if resume and has_recipe(teacher_path):
         log(f"teacher: reusing {teacher_path}")

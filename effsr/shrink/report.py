@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from reparam.utils.io import atomic_write, write_json, write_text
+
 from .config import PEER_CHECKPOINTS
 
 __all__ = ["PUBLISHED", "measure", "measure_all", "write_outputs", "markdown", "summary_table", "plot_frontier"]
@@ -222,24 +224,17 @@ def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
         ax.grid(True, alpha=0.3)
     fig.suptitle("effsr shrink: quality vs size")
     fig.tight_layout()
-    out = Path(path)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(run_dir: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     """``report.json``, ``report.md`` and ``frontier.png`` in ``run_dir`` (each written atomically)."""
-    from .pipeline import _write_json
-
     run_dir = Path(run_dir)
-    _write_json(run_dir / "report.json", data)
-    md = run_dir / "report.md"
-    tmp = md.with_name(f".report.md.tmp{os.getpid()}")
-    tmp.write_text(markdown(data), encoding="utf-8")
-    os.replace(tmp, md)
+    write_json(run_dir / "report.json", data)
+    write_text(run_dir / "report.md", markdown(data))
     plot_frontier(data, run_dir / "frontier.png")
 
 
