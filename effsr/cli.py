@@ -32,30 +32,7 @@ from typing import Any
 __all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_json_atomic"]
 
 
-class CLIError(Exception):
-    """An error caused by the user's input: reported as one line on stderr, exit code 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]
-            ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Register ``run(args) -> exit code`` as the subcommand ``name`` with the given argument adder."""
-    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        if name in COMMANDS:
-            raise ValueError(f"name: command {name!r} is already registered")
-        COMMANDS[name] = Command(name, help, arguments, run)
-        return run
-    return register
+from .cli_core import COMMANDS, CLIError, Command, command  # noqa: E402 - the registry's one home
 
 
 # ------------------------------------------------------------------------------------------ utilities
@@ -347,7 +324,7 @@ def _runtime(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; lazy: it imports this module)
+    import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; it imports effsr.cli_core only)
 
     parser = argparse.ArgumentParser(
         prog="effsr",

@@ -1,11 +1,11 @@
-"""``effsr shrink`` and ``effsr demo`` (registered with :func:`effsr.cli.command` when imported)."""
+"""``effsr shrink`` and ``effsr demo`` (registered with :func:`effsr.cli_core.command` when imported)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from effsr.cli import CLIError, command
+from effsr.cli_core import CLIError, command
 
 __all__: list[str] = []
 
