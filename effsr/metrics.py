@@ -1,23 +1,31 @@
 """Efficiency metrics of the NTIRE efficient-SR challenges: parameters, FLOPs, activations, convs, runtime.
 
 :func:`profile` counts what the challenges' ``utils/model_summary.py`` counts (AIM 2020, NTIRE 2022/2023
-ESR), re-implemented with forward hooks:
+ESR: ``get_model_flops`` / ``get_model_activation``), re-implemented with forward hooks on the same
+module types and with the same formulas, so that the numbers are the challenge's to the last integer:
 
 * ``params``: every parameter element of the model (shared parameters once). The challenge script
   counts only ``requires_grad`` parameters; for a trainable model the two agree.
-* ``flops``: *multiply-accumulates* (the challenge calls them FLOPs) of modules only:
+* ``flops``: *multiply-accumulates* (the challenge calls them FLOPs) of hooked modules only, summed over
+  every forward call (a module that runs twice counts twice):
 
   - ``nn.Conv2d`` / ``nn.ConvTranspose2d``: ``prod(kernel) * in_channels * out_channels / groups`` per
     output position (no bias term; for a transposed conv, like the challenge, per *output* position);
   - ``nn.Linear``: ``in_features`` per output element (for 1-D/2-D inputs this is the challenge's
-    ``batch * in * out``);
+    ``batch * in * out``; for inputs of more dimensions the challenge script multiplies
+    ``shape[0] * input.shape[1] * output.shape[1]``, which is not a MAC count, and we keep the MAC count);
   - activation modules ``nn.ReLU``, ``nn.PReLU``, ``nn.ELU``, ``nn.LeakyReLU``, ``nn.ReLU6``: one per
     output element. ``nn.Sigmoid``, ``nn.GELU``, ``nn.SiLU``, ... are *not* counted (the challenge
     script does not count them either);
-  - BatchNorm modules: one per output element, two when affine.
+  - ``nn.BatchNorm2d`` (exactly the type the challenge hooks; not ``BatchNorm1d``/``3d``/``SyncBatchNorm``):
+    one per output element, two when affine.
 
-  Functional calls (``F.conv2d``, ``torch.sigmoid``, ``F.interpolate``, additions, pooling, pixel
-  shuffle) are invisible to hooks and not counted, exactly as in the challenge numbers.
+  Only modules reachable through ``model.modules()`` are hooked. Functional calls (``F.conv2d``,
+  ``F.leaky_relu``, ``torch.sigmoid``, ``F.interpolate``, additions, pooling, pixel shuffle) and
+  activation modules kept *outside* the network (the official FMEN applies one module-level global
+  ``nn.LeakyReLU``) are invisible to hooks and not counted, exactly as in the challenge numbers. The
+  networks of :mod:`effsr.models` mirror their official code in this respect (FMEN's activations are
+  functional, RFDN's ESA has its ``nn.ReLU`` module), so their counts equal the official ones.
 * ``activations``: elements of every ``nn.Conv2d`` / ``nn.ConvTranspose2d`` output ("#Acts").
 * ``convs``: number of ``nn.Conv2d`` / ``nn.ConvTranspose2d`` forward calls ("#Conv"; this equals the
   number of conv modules when each one runs once, as in every network of :mod:`effsr.models`).
@@ -28,8 +36,12 @@ ESR), re-implemented with forward hooks:
   and nothing for element-wise ops, so for a network whose convs are all modules
   ``aten_flops == 2 * (flops - activation/BN terms)``.
 
-All counts are for one image of ``input_size`` (default ``3 x 256 x 256``, the challenge's). Published
-RFDN numbers reproduced by this module: 0.433 M params, 27.10 G FLOPs, 112.03 M activations, 64 convs.
+All counts are for one image of ``input_size`` (default ``3 x 256 x 256``, the challenge's). The official
+counter run on the official code of the five networks gives, and this module reproduces exactly
+(``tests/test_metrics.py`` asserts each integer): RFDN 433,448 params / 27,102,622,560 FLOPs / 112,034,240 acts / 64 convs;
+MegSR pruned RFDN 289,888 / 17,700,828,000 / 91,718,080 / 64; RLFN 317,218 / 19,695,306,752 /
+80,045,184 / 39; FMEN 341,066 / 22,280,011,776 / 72,089,600 / 34; IMDN 893,936 / 58,531,512,320 /
+154,140,672 / 43.
 
 :func:`runtime` times inference like the challenge: per-image average over a list of LR images, best of
 ``trials`` trials, after warm-up runs; CUDA timings use CUDA events and report
@@ -58,7 +70,7 @@ __all__ = ["Profile", "profile", "format_table", "runtime", "count_params"]
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 _ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6)
-_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+_BATCHNORMS = (nn.BatchNorm2d,)  # exactly what the challenge hooks (SyncBatchNorm and 1d/3d are not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +165,8 @@ class _Counter:
         self.flops += module.in_features * output.numel()
 
     def _batchnorm(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.flops += output.numel() * (2 if module.affine else 1)
+        positions = output.shape[0] * math.prod(output.shape[2:])
+        self.flops += module.num_features * int(positions) * (2 if module.affine else 1)
 
 
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -208,12 +221,17 @@ def profile(model: nn.Module, input_size: Sequence[int] = (3, 256, 256), *, use_
 
 
 def format_table(profiles: Mapping[str, Profile]) -> str:
-    """A plain-text table: model, params [M], FLOPs [G] (MACs), acts [M], convs, aten GFLOPs."""
-    header = ("model", "params [M]", "FLOPs [G]", "acts [M]", "convs", "aten GFLOPs", "input")
+    """A plain-text table: model, params (exact, e.g. ``433,448``), params [M], FLOPs [G] (MACs), acts [M],
+    convs, aten GFLOPs, input size.
+
+    >>> print(format_table({"rfdn": Profile(433_448, 27_102_622_560, 112_034_240, 64, 54_067_296_768)}).splitlines()[2])
+    rfdn   433,448       0.433      27.10    112.03     64        54.07  3x256x256
+    """
+    header = ("model", "params", "params [M]", "FLOPs [G]", "acts [M]", "convs", "aten GFLOPs", "input")
     rows = [header]
     for name, p in profiles.items():
         rows.append((
-            str(name), f"{p.params / 1e6:.3f}", f"{p.flops / 1e9:.2f}", f"{p.activations / 1e6:.2f}",
+            str(name), f"{p.params:,}", f"{p.params / 1e6:.3f}", f"{p.flops / 1e9:.2f}", f"{p.activations / 1e6:.2f}",
             str(p.convs), f"{p.aten_flops / 1e9:.2f}", "x".join(str(v) for v in p.input_size),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -84,7 +84,7 @@ def test_profile_json_round_trip(tmp_path, capsys):
     code, stdout, _ = _run(capsys, "profile", "--model", "rfdn", "--json", str(out))
     assert code == 0
     row = next(ln for ln in stdout.splitlines() if ln.startswith("rfdn"))
-    assert row.split()[1:5] == ["0.433", "27.10", "112.03", "64"]
+    assert row.split()[1:6] == ["433,448", "0.433", "27.10", "112.03", "64"]   # exact count and [M]
     data = json.loads(out.read_text())
     expected = metrics.profile(models.build("rfdn")).as_dict()
     for key in ("params", "flops", "activations", "convs", "aten_flops"):

@@ -109,16 +109,65 @@ def _nearest2(img: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- profile
-def test_profile_reproduces_published_rfdn_numbers():
+# What the official counter (utils/model_summary.py of the NTIRE 2022 ESR repository: get_model_flops and
+# get_model_activation, 3 x 256 x 256) prints for the official code of each network, integer for integer.
+OFFICIAL_COUNTS = {   # params, FLOPs (MACs), activations, convs
+    "rfdn": (433_448, 27_102_622_560, 112_034_240, 64),
+    "rfdn_pruned": (289_888, 17_700_828_000, 91_718_080, 64),
+    "rlfn": (317_218, 19_695_306_752, 80_045_184, 39),
+    "fmen": (341_066, 22_280_011_776, 72_089_600, 34),
+    "imdn": (893_936, 58_531_512_320, 154_140_672, 43),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
+def test_profile_reproduces_the_official_counter_exactly(name):
     from effsr import models
 
-    p = metrics.profile(models.build("rfdn"))
-    assert p.params == 433_448
-    assert round(p.flops / 1e9, 2) == 27.10
-    assert round(p.activations / 1e6, 2) == 112.03
-    assert p.convs == 64
-    # aten counts 2 FLOPs per MAC of the convs only; the module count adds the LeakyReLU/ReLU elements.
-    assert 2 * (p.flops - 70_000_000) < p.aten_flops < 2 * p.flops
+    p = metrics.profile(models.build(name))
+    assert (p.params, p.flops, p.activations, p.convs) == OFFICIAL_COUNTS[name]
+    # aten counts 2 FLOPs per MAC of the convs only (not the activation-module elements the challenge adds)
+    assert 2 * (p.flops - 160_000_000) < p.aten_flops <= 2 * p.flops
+
+
+def test_profile_published_two_decimal_numbers():
+    from effsr import models
+
+    got = {n: round(metrics.profile(models.build(n)).flops / 1e9, 2) for n in ("rfdn", "fmen")}
+    assert got == {"rfdn": 27.10, "fmen": 22.28}
+
+
+def test_profile_does_not_count_an_activation_outside_the_module_tree():
+    """The official FMEN's global ``nn.LeakyReLU`` is no submodule: the challenge's hooks never see it."""
+    outside = nn.LeakyReLU(0.1)
+
+    class GlobalAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1, bias=False)
+            self.inner = nn.LeakyReLU(0.1)
+
+        def forward(self, x):
+            return self.inner(outside(self.conv(x)))
+
+    p = metrics.profile(GlobalAct(), input_size=(1, 3, 5))
+    assert p.flops == 2 * 15 + 2 * 15  # conv MACs + the inner activation only
+
+
+def test_profile_counts_only_batchnorm2d_like_the_challenge():
+    class Norms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn2 = nn.BatchNorm2d(2)
+            self.bn2_plain = nn.BatchNorm2d(2, affine=False)
+            self.bn1 = nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            y = self.bn2_plain(self.bn2(x))
+            return self.bn1(y.flatten(2)).view_as(y)
+
+    p = metrics.profile(Norms(), input_size=(2, 3, 4))
+    assert p.flops == 2 * 24 + 24  # affine BatchNorm2d 2 per element, plain 1, BatchNorm1d not hooked
 
 
 def test_profile_tiny_model_hand_counts():
@@ -184,12 +233,14 @@ def test_as_dict_is_plain_json_and_format_table():
     d = p.as_dict()
     assert json.loads(json.dumps(d)) == d
     assert all(type(d[k]) is int for k in ("params", "flops", "activations", "convs", "aten_flops"))
-    big = metrics.Profile(params=433_448, flops=27_102_461_184, activations=112_034_240, convs=64,
+    big = metrics.Profile(params=433_448, flops=27_102_622_560, activations=112_034_240, convs=64,
                           aten_flops=54_067_296_768)
     table = metrics.format_table({"tiny": p, "rfdn": big})
     lines = table.splitlines()
-    assert lines[0].split()[0] == "model" and lines[2].startswith("tiny") and lines[3].startswith("rfdn")
-    assert lines[3].split()[1:6] == ["0.433", "27.10", "112.03", "64", "54.07"]
+    assert lines[0].split()[:3] == ["model", "params", "params"]
+    assert lines[2].startswith("tiny") and lines[3].startswith("rfdn")
+    assert lines[2].split()[1] == f"{TINY_PARAMS:,}"
+    assert lines[3].split()[1:7] == ["433,448", "0.433", "27.10", "112.03", "64", "54.07"]
 
 
 # --------------------------------------------------------------------------------------------- runtime

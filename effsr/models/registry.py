@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,8 @@ from .imdn import IMDN
 from .rfdn import RFDN, RFDNPruned
 from .rlfn import RLFN
 
-__all__ = ["NETWORKS", "names", "build", "load", "read_state_dict", "check_state_dict", "CheckpointMismatchError"]
+__all__ = ["NETWORKS", "names", "build", "load", "read_state_dict", "check_state_dict", "CheckpointMismatchError",
+           "LOADERS", "register_loader"]
 
 NETWORKS: dict[str, type[SRNet]] = {
     "rfdn": RFDN,
@@ -25,6 +26,22 @@ NETWORKS: dict[str, type[SRNet]] = {
     "fmen": FMEN,
     "imdn": IMDN,
 }
+
+#: File loaders :func:`load` asks first, in order: ``loader(name, path) -> network or None`` (None: "not
+#: mine"). Layers above this one register theirs (``effsr.shrink.recipe`` registers the reader of shrunk
+#: students when imported; ``import effsr`` imports it), so this module imports none of them.
+LOADERS: list[Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]] = []
+
+
+def register_loader(loader: Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]
+                    ) -> Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]:
+    """Add ``loader(name, path) -> network | None`` to :data:`LOADERS` (once); returns it (a decorator)."""
+    if not callable(loader):
+        raise TypeError(f"loader must be callable, got {type(loader).__name__}")
+    if loader not in LOADERS:
+        LOADERS.append(loader)
+    return loader
+
 
 #: Wrapper keys some training frameworks put around a state_dict (BasicSR, KAIR, Lightning, ...).
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model_state_dict", "model", "net")
@@ -179,13 +196,13 @@ def load(name: str, path: str | os.PathLike[str], **config: Any) -> SRNet:
     :class:`CheckpointMismatchError` (a ``ValueError``) naming the missing and unexpected keys and the
     shape mismatches.
     """
-    from effsr.shrink.recipe import load_hook  # lazy: effsr.shrink imports effsr.models
-
-    shrunk = load_hook(name, path)  # a student written by `effsr shrink` (recipe in its metadata)
-    if shrunk is not None:
-        if config:
-            raise ValueError(f"config: {path} is an effsr shrink student; its architecture comes from its recipe")
-        return shrunk
+    for loader in LOADERS:  # e.g. a student written by `effsr shrink` (its recipe in the file's metadata)
+        special = loader(name, path)
+        if special is not None:
+            if config:
+                raise ValueError(f"config: {os.fspath(path)} carries its own architecture (read by "
+                                 f"{getattr(loader, '__module__', '?')}); pass no config")
+            return special
     model = build(name, **config)
     sd = read_state_dict(path)
     source = f"checkpoint {os.fspath(path)!r}"
