@@ -388,7 +388,8 @@ def test_device_is_kept():
 
 
 def test_rfdn_checkpoint_decomposes_and_fuses_back(checkpoints):
-    models = pytest.importorskip("effsr.models")
+    from effsr import models
+
     path = checkpoints / "rfdn_aim2020.pth"
     if not path.exists():
         pytest.skip("rfdn checkpoint absent")

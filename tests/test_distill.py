@@ -422,7 +422,8 @@ def test_unused_parameters_reported_for_feature_only_distillation():
 
 
 def test_rep_block_student_online_mode():
-    reparam = pytest.importorskip("reparam")
+    import reparam
+
     torch.manual_seed(0)
     teacher = TinySR(12)
     student = reparam.repify(TinySR(6), "ecb", include=["B1.0", "B2.0"])

@@ -109,23 +109,19 @@ def test_student_reloads_to_the_reported_psnr(full_run, tiny):
     assert json.loads((full_run / "student.recipe.json").read_text()) == recipe
 
 
-def test_effsr_eval_reloads_student(full_run, tiny, tmp_path, monkeypatch):
+def test_effsr_eval_reloads_student(full_run, tiny, tmp_path):
     from effsr.shrink.recipe import load_hook
 
     student = full_run / "student.safetensors"
     with pytest.raises(ValueError, match="shrunk 'rfdn'"):
         load_hook("rlfn", student)
     assert load_hook("rfdn", tiny["root"] / "missing.safetensors") is None
-    try:
-        models.load("rfdn", student)
-    except models.CheckpointMismatchError:  # not wired into effsr.models.load yet: add the lead's hook here
-        original = models.load
-
-        def load(name, path, **config):
-            model = load_hook(name, path)
-            return model if model is not None else original(name, path, **config)
-
-        monkeypatch.setattr(models, "load", load)
+    # `import effsr` registers the recipe reader with effsr.models.load: the student loads by name
+    assert load_hook in models.LOADERS
+    net = models.load("rfdn", student)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in models.build("rfdn", **TINY).parameters())
+    with pytest.raises(ValueError, match="config: .*own architecture"):
+        models.load("rfdn", student, nf=8)
     out = tmp_path / "eval.json"
     code = cli.main(["eval", "--model", "rfdn", "--weights", str(student), "--data", str(tiny["eval"]),
                      "--json", str(out), "--device", "cpu", "--no-progress"])

@@ -15,13 +15,14 @@ from .conv import apply_conv, conv_slots, is_slot, normalize_conv
 from .esa import ESA, ESALite
 from .fmen import FMEN, HFAB, BasicBlock, RepSlot
 from .imdn import IMDN, IMDBlock
-from .registry import (NETWORKS, CheckpointMismatchError, build, check_state_dict, load, names,
-                       read_state_dict)
+from .registry import (LOADERS, NETWORKS, CheckpointMismatchError, build, check_state_dict, load, names,
+                       read_state_dict, register_loader)
 from .rfdn import RFDB, RFDN, RFDNPruned
 from .rlfn import RLFB, RLFN
 
 __all__ = [
     "build", "load", "names", "read_state_dict", "check_state_dict", "CheckpointMismatchError", "NETWORKS",
     "SRNet", "RFDN", "RFDNPruned", "RFDB", "RLFN", "RLFB", "FMEN", "HFAB", "BasicBlock", "RepSlot", "IMDN",
-    "IMDBlock", "ESA", "ESALite", "apply_conv", "conv_slots", "is_slot", "normalize_conv",
+    "IMDBlock", "ESA", "ESALite", "apply_conv", "conv_slots", "is_slot", "normalize_conv", "LOADERS",
+    "register_loader",
 ]

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from effsr.models.registry import register_loader
+
 __all__ = [
     "FORMAT", "METADATA_KEY", "new_recipe", "add_op", "build_from_recipe", "save_student", "load_student",
     "read_recipe", "has_recipe", "tucker_ranks", "load_hook",
@@ -233,6 +235,9 @@ def load_hook(name: str, path: str | os.PathLike[str]) -> nn.Module | None:
         raise ValueError(f"name: {os.fspath(path)} holds a shrunk {model.arch!r} network (effsr shrink "
                          f"student), not {name!r}; load it with name={model.arch!r}")
     return model
+
+
+register_loader(load_hook)  # effsr.models.load reads shrunk students through this
 
 
 def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
