@@ -247,6 +247,9 @@ def _check_tile_args(args: argparse.Namespace) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _common_run_args(p, weights_required=True)
     p.add_argument("--save-images", metavar="DIR", help="also write the SR images as PNG into DIR")
+    p.add_argument("--y-float", action="store_true",
+                   help="measure PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers "
+                        "before measuring, as the NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
 
 
 @command("eval", help="PSNR (RGB, Y) and SSIM (Y) of a trained network on a dataset", arguments=_eval_args)
@@ -262,19 +265,21 @@ def _eval(args: argparse.Namespace) -> int:
     with _StagedDir(args.save_images) as staged:
         try:
             result = evaluate(model, pairs, progress=not args.no_progress, save_dir=staged.path,
-                              tile=args.tile, tile_overlap=args.tile_overlap, device=device)
+                              tile=args.tile, tile_overlap=args.tile_overlap, device=device,
+                              y_round=not args.y_float)
         except (ValueError, OSError) as exc:
             raise CLIError(_one_line(exc)) from exc
         staged.commit()
     width = max([len("image")] + [len(r["name"]) for r in result["per_image"]])
-    print(f"{'image'.ljust(width)}  PSNR-RGB  PSNR-Y   SSIM-Y")
+    y_note = "unrounded Y" if args.y_float else "integer Y (NTIRE/MATLAB)"
+    print(f"{'image'.ljust(width)}  PSNR-RGB  PSNR-Y   SSIM-Y   ({y_note})")
     for r in result["per_image"]:
         print(f"{r['name'].ljust(width)}  {r['psnr_rgb']:8.3f}  {r['psnr_y']:6.3f}  {r['ssim_y']:.4f}")
     print(f"{'mean'.ljust(width)}  {result['psnr_rgb']:8.3f}  {result['psnr_y']:6.3f}  {result['ssim_y']:.4f}"
           f"   ({args.model}, {len(result['per_image'])} images, {args.data})")
     if args.json:
         payload = {"model": args.model, "weights": str(args.weights), "data": str(args.data),
-                   "tile": args.tile, **result}
+                   "tile": args.tile, "y_round": not args.y_float, **result}
         write_json_atomic(args.json, payload)
     return 0
 

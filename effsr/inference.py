@@ -242,12 +242,14 @@ def _scale_of(model: nn.Module) -> int:
 
 def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
              save_dir: str | os.PathLike[str] | None = None, tile: int | None = None,
-             tile_overlap: int = 8, device: str | torch.device | None = None) -> dict[str, Any]:
+             tile_overlap: int = 8, device: str | torch.device | None = None,
+             y_round: bool = True) -> dict[str, Any]:
     """Upscale every ``(name, lr, hr)`` pair and measure it against ``hr``.
 
     Returns ``{"psnr_rgb", "psnr_y", "ssim_y"}`` (means over images, floats), ``"images"`` (count)
     and ``"per_image"``: a list of ``{"name", "psnr_rgb", "psnr_y", "ssim_y"}``. Quality follows
-    :mod:`effsr.quality` with ``shave = model.scale``. A pair marked ``gray`` (a single-channel source
+    :mod:`effsr.quality` with ``shave = model.scale``; Y is rounded to integers before PSNR/SSIM (the
+    NTIRE/MATLAB convention) unless ``y_round=False``. A pair marked ``gray`` (a single-channel source
     such as Set14's ``bridge``) is measured on one gray channel (HR's channel vs the rounded mean of the
     SR channels) instead of on the replicated RGB copy, as the papers measure it. With ``save_dir`` each SR result is written as
     ``<save_dir>/<name>.png`` (created if needed). ``progress`` shows a tqdm bar on stderr.
@@ -258,6 +260,8 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(y_round, bool):
+        raise TypeError(f"y_round must be a bool, got {type(y_round).__name__}")
     _check_tiling(tile, tile_overlap)
     scale = _scale_of(model)
     dev = resolve_device(device, model)
@@ -286,8 +290,8 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
             row = {
                 "name": name,
                 "psnr_rgb": float(quality.psnr(sr_eval, hr, shave=scale, y_channel=False)),
-                "psnr_y": float(quality.psnr(sr_eval, hr, shave=scale, y_channel=True)),
-                "ssim_y": float(quality.ssim(sr_eval, hr, shave=scale, y_channel=True)),
+                "psnr_y": float(quality.psnr(sr_eval, hr, shave=scale, y_channel=True, y_round=y_round)),
+                "ssim_y": float(quality.ssim(sr_eval, hr, shave=scale, y_channel=True, y_round=y_round)),
             }
             rows.append(row)
             if out_dir is not None:

@@ -145,6 +145,54 @@ def test_eval_on_folder_json_and_images(tmp_path, capsys, rfdn_weights):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # staging removed
 
 
+def test_eval_y_float_switches_the_luma_convention(tmp_path, capsys, rfdn_weights):
+    """Default: integer Y (NTIRE/MATLAB); --y-float: unrounded Y. Both match quality.psnr on the saved images."""
+    from effsr import data as sr_data
+    from effsr import quality
+
+    ds = _tiny_dataset(tmp_path / "ds")
+    res = {}
+    for flag in ((), ("--y-float",)):
+        out, imgs = tmp_path / f"r{len(flag)}.json", tmp_path / f"sr{len(flag)}"
+        code, stdout, _ = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights), "--data",
+                               str(ds), "--device", "cpu", "--json", str(out), "--save-images", str(imgs),
+                               "--no-progress", *flag)
+        assert code == 0
+        assert ("unrounded Y" in stdout) == bool(flag)
+        res[bool(flag)] = json.loads(out.read_text())
+        for row in res[bool(flag)]["per_image"]:
+            sr = sr_data.read_image(imgs / f"{row['name']}.png")
+            hr = sr_data.read_image(ds / "HR" / f"{row['name']}.png")
+            assert row["psnr_y"] == quality.psnr(sr, hr, shave=4, y_channel=True, y_round=not flag)
+            assert row["ssim_y"] == quality.ssim(sr, hr, shave=4, y_round=not flag)
+    assert res[False]["y_round"] is True and res[True]["y_round"] is False
+    assert res[False]["psnr_rgb"] == res[True]["psnr_rgb"]
+    assert res[False]["psnr_y"] != res[True]["psnr_y"]
+
+
+def test_shrink_y_float_reaches_the_config_and_the_report_bicubic(tmp_path, rfdn_weights):
+    from effsr.shrink import commands, report
+    from effsr.shrink.config import ShrinkConfig
+
+    ds = _tiny_dataset(tmp_path / "ds")
+    parser = cli.build_parser()
+    base = ["shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data", str(ds),
+            "--eval-data", str(ds), "--out", str(tmp_path / "run")]
+    assert commands._config(parser.parse_args(base)).y_round is True
+    cfg = commands._config(parser.parse_args(base + ["--y-float"]))
+    assert cfg.y_round is False
+    assert cfg.fingerprint() != commands._config(parser.parse_args(base)).fingerprint()  # resume keeps one convention
+    with pytest.raises(TypeError, match="y_round"):
+        ShrinkConfig(model="rfdn", weights=str(rfdn_weights), train_data=str(ds), eval_data=[str(ds)],
+                     out=str(tmp_path / "r2"), y_round="yes").validate()
+    from effsr import data as sr_data
+
+    pairs = list(sr_data.SRFolder(ds, scale=4))
+    rounded, unrounded = report.bicubic({"ds": pairs}), report.bicubic({"ds": pairs}, y_round=False)
+    assert rounded["ds"]["psnr_rgb"] == unrounded["ds"]["psnr_rgb"]
+    assert rounded["ds"]["psnr_y"] != unrounded["ds"]["psnr_y"]
+
+
 def test_eval_missing_weights_and_data(tmp_path, capsys, rfdn_weights):
     out = tmp_path / "r.json"
     code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(tmp_path / "none.pth"),
@@ -167,6 +215,69 @@ def test_eval_wrong_architecture_names_keys(tmp_path, capsys):
     line = _error_line(err)
     assert code == 2 and "fea_conv.weight" in line and str(wrong) in line
     assert not out.exists()
+
+
+def test_eval_wrong_architecture_hint_reaches_the_user(tmp_path, capsys):
+    """The API's "looks like the official 'imdn' network" hint leads the line; the key listings may be cut."""
+    from effsr import models
+
+    wrong = tmp_path / "imdn.pth"
+    torch.save(models.build("imdn").state_dict(), wrong)
+    code, _, err = _run(capsys, "eval", "--model", "rlfn", "--weights", str(wrong), "--data", str(tmp_path))
+    line = _error_line(err)
+    assert code == 2 and "looks like the official 'imdn' network (try --model imdn)" in line
+    assert line.index("looks like") < line.index("unexpected key")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_eval_truncated_checkpoint_is_one_clean_line(tmp_path, capsys, suffix):
+    from safetensors.torch import save_file
+
+    from effsr import models
+
+    full = tmp_path / f"full{suffix}"
+    sd = {k: v.contiguous() for k, v in models.build("rfdn").state_dict().items()}
+    save_file(sd, str(full)) if suffix == ".safetensors" else torch.save(sd, full)
+    cut = tmp_path / f"t{suffix}"
+    cut.write_bytes(full.read_bytes()[:10000])  # head -c 10000
+    out = tmp_path / "r.json"
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(cut), "--data", "default",
+                        "--json", str(out), "--no-progress")
+    line = _error_line(err)
+    assert code == 2 and str(cut) in line and not out.exists()
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, err = _run(capsys)
+    assert code == 2 and "usage: effsr" in err and "profile" in err and "shrink" in err
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and out.strip() == f"effsr {version('effsr')}"
+
+
+@pytest.mark.parametrize("command", ["profile", "eval", "runtime", "shrink", "demo"])
+def test_help_lists_model_names_and_every_default(capsys, command):
+    from effsr import models
+
+    code, out, _ = _run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    if command != "demo":
+        assert all(name in text for name in models.names()), text
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if action.dest == "help" or action.required or action.nargs == 0:  # flags have no value to default
+            continue
+        shown = formatter._expand_help(action)
+        assert "default" in shown, f"{command} {action.option_strings} hides its default: {shown!r}"
+        if action.default not in (None, False) and "%(default)" in formatter._get_help_string(action):
+            assert str(action.default) in shown
 
 
 def test_eval_unreadable_image_writes_nothing(tmp_path, capsys, rfdn_weights):

@@ -57,6 +57,9 @@ def _model_config(text: str | None) -> dict:
         return {}
     try:
         value = json.loads(text)
+    p.add_argument("--y-float", action="store_true",
+                   help="report PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers, as the "
+                        "NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
     except json.JSONDecodeError as err:
         raise CLIError(f"--model-config: not valid JSON ({err})") from None
     if not isinstance(value, dict):
@@ -75,7 +78,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
-        progress=not args.no_progress, model_config=_model_config(args.model_config))
+        progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float)
     try:
         return cfg.validate()
     except (ValueError, TypeError) as err:

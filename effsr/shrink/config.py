@@ -77,6 +77,8 @@ class ShrinkConfig:
     tucker_min_channels: int = 16
     progress: bool = True
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: PSNR-Y/SSIM-Y on integer Y (the NTIRE/MATLAB convention); False: unrounded Y (``--y-float``)
+    y_round: bool = True
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self, check_files: bool = True) -> "ShrinkConfig":
@@ -118,6 +120,8 @@ class ShrinkConfig:
             raise ValueError(f"--seed must be an int, got {self.seed!r}")
         if not isinstance(self.model_config, dict):
             raise TypeError(f"model_config must be a dict, got {type(self.model_config).__name__}")
+        if not isinstance(self.y_round, bool):
+            raise TypeError(f"y_round must be a bool, got {type(self.y_round).__name__}")
         self._check_device()
         if isinstance(self.eval_data, (str, os.PathLike)):
             self.eval_data = [str(self.eval_data)]

@@ -23,8 +23,10 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 
 
 def measure(label: str, kind: str, model: nn.Module, eval_sets: Mapping[str, list[Any]], device: Any,
-            runtime_trials: int, evals: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
-    """Challenge profile (3x256x256), runtime on the first eval set's LR images, and PSNR/SSIM per set."""
+            runtime_trials: int, evals: Mapping[str, Any] | None = None, progress: bool = False,
+            y_round: bool = True) -> dict[str, Any]:
+    """Challenge profile (3x256x256), runtime on the first eval set's LR images, and PSNR/SSIM per set
+    (Y rounded to integers unless ``y_round=False``)."""
     from effsr import inference, metrics
 
     prof = metrics.profile(model).as_dict()
@@ -33,7 +35,7 @@ def measure(label: str, kind: str, model: nn.Module, eval_sets: Mapping[str, lis
     if evals is None:
         evals = {}
         for name, pairs in eval_sets.items():
-            r = inference.evaluate(model, pairs, progress=progress, device=device)
+            r = inference.evaluate(model, pairs, progress=progress, device=device, y_round=y_round)
             evals[name] = {k: r[k] for k in ("psnr_rgb", "psnr_y", "ssim_y", "images")}
     return {"label": label, "kind": kind, "arch": getattr(model, "arch", None), **prof,
             "runtime_ms": rt["ms_per_image"], "runtime_device": rt["device"], "runtime_threads": rt.get("threads"),
@@ -48,9 +50,9 @@ def measure_all(state: Any, student: nn.Module, teacher_eval: Mapping[str, Any] 
     cfg = state.cfg
     rows = [
         measure(state.teacher_label, "teacher", state.teacher, state.eval_sets, state.device, cfg.runtime_trials,
-                evals=teacher_eval, progress=cfg.progress),
+                evals=teacher_eval, progress=cfg.progress, y_round=cfg.y_round),
         measure("student", "student", student, state.eval_sets, state.device, cfg.runtime_trials,
-                progress=cfg.progress),
+                progress=cfg.progress, y_round=cfg.y_round),
     ]
     state.log(f"student: {rows[1]['params']:,} params, {rows[1]['flops'] / 1e9:.2f} G FLOPs; " + ", ".join(
         f"{k} PSNR-Y {v['psnr_y']:.3f}" for k, v in rows[1]["eval"].items()))
@@ -72,18 +74,20 @@ def measure_all(state: Any, student: nn.Module, teacher_eval: Mapping[str, Any] 
                 skipped.append(f"{fname} ({err})")
                 continue
             rows.append(measure(name, "peer", peer, state.eval_sets, state.device, cfg.runtime_trials,
-                                progress=cfg.progress))
+                                progress=cfg.progress, y_round=cfg.y_round))
             state.log(f"peer {name}: " + ", ".join(f"{k} PSNR-Y {v['psnr_y']:.3f}" for k, v in rows[-1]["eval"].items()))
     for row in rows:
         for name, pub in PUBLISHED.items():
             if row["arch"] == name or row["label"] == name:
                 row["published"] = pub
-    return {"models": rows, "bicubic": bicubic(state.eval_sets), "eval_sets": list(state.eval_sets),
+    return {"models": rows, "bicubic": bicubic(state.eval_sets, y_round=cfg.y_round), "y_round": cfg.y_round,
+            "eval_sets": list(state.eval_sets),
             "peers_dir": str(peers_dir) if peers_dir else None, "peers_skipped": skipped}
 
 
-def bicubic(eval_sets: Mapping[str, list[Any]]) -> dict[str, dict[str, float]]:
-    """PSNR-Y / PSNR-RGB of MATLAB-style bicubic upscaling per eval set (the floor any network must beat)."""
+def bicubic(eval_sets: Mapping[str, list[Any]], y_round: bool = True) -> dict[str, dict[str, float]]:
+    """PSNR-Y / PSNR-RGB of MATLAB-style bicubic upscaling per eval set (the floor any network must beat);
+    Y rounded to integers unless ``y_round=False``."""
     import numpy as np
 
     from effsr import quality
@@ -96,7 +100,7 @@ def bicubic(eval_sets: Mapping[str, list[Any]]) -> dict[str, dict[str, float]]:
             sr = imresize(p.lr, scale=4.0)
             hr = p.hr[: sr.shape[0], : sr.shape[1]]
             sr = sr[: hr.shape[0], : hr.shape[1]]
-            ys.append(quality.psnr(sr, hr, shave=4, y_channel=True))
+            ys.append(quality.psnr(sr, hr, shave=4, y_channel=True, y_round=y_round))
             rgbs.append(quality.psnr(sr, hr, shave=4, y_channel=False))
         out[name] = {"psnr_y": float(np.mean(ys)), "psnr_rgb": float(np.mean(rgbs))}
     return out

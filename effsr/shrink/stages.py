@@ -51,7 +51,8 @@ def evaluate_all(state: RunState, model: nn.Module, label: str) -> dict[str, Any
 
     out = {}
     for name, pairs in state.eval_sets.items():
-        r = inference.evaluate(model, pairs, progress=state.cfg.progress, device=state.device)
+        r = inference.evaluate(model, pairs, progress=state.cfg.progress, device=state.device,
+                               y_round=state.cfg.y_round)
         out[name] = {k: r[k] for k in ("psnr_rgb", "psnr_y", "ssim_y", "images")}
         out[name]["per_image"] = r["per_image"]
         state.log(f"{label} on {name}: PSNR-Y {r['psnr_y']:.3f} dB, PSNR-RGB {r['psnr_rgb']:.3f} dB, "
