@@ -29,19 +29,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_json_atomic"]
+__all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_json_atomic", "error_line",
+           "HelpFormatter", "model_help"]
 
 
-from .cli_core import COMMANDS, CLIError, Command, command  # noqa: E402 - the registry's one home
+from .cli_core import (COMMANDS, CLIError, Command, HelpFormatter, command, error_line,  # noqa: E402
+                       model_help)
 
 
 # ------------------------------------------------------------------------------------------ utilities
-def _one_line(exc: BaseException, limit: int = 600) -> str:
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and :func:`os.replace`."""
     target = Path(path)
@@ -85,6 +81,15 @@ def _check_output_dir(path: str | None, what: str) -> None:
     _check_output_file(str(p / "x"), what)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("effsr")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -118,7 +123,7 @@ def _build_model(name: str) -> Any:
     try:
         return models.build(name)
     except (ValueError, TypeError) as exc:
-        raise CLIError(f"cannot build {name}: {_one_line(exc)}") from exc
+        raise CLIError(f"cannot build {name}: {error_line(exc)}") from exc
 
 
 def _load_model(name: str, weights: str) -> Any:
@@ -133,7 +138,8 @@ def _load_model(name: str, weights: str) -> Any:
     try:
         return models.load(name, path)
     except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise CLIError(f"cannot load {weights} as {name}: {_one_line(exc)}") from exc
+        raise CLIError(f"cannot load {weights} as {name}: {error_line(exc)}") from exc
+
 
 
 def _open_data(spec: str, scale: int) -> Any:
@@ -148,7 +154,7 @@ def _open_data(spec: str, scale: int) -> Any:
     try:
         pairs = data.open_dataset(spec, scale=scale)
     except (ValueError, OSError, KeyError) as exc:
-        raise CLIError(f"cannot open data {spec}: {_one_line(exc)}") from exc
+        raise CLIError(f"cannot open data {spec}: {error_line(exc)}") from exc
     if len(pairs) == 0:
         raise CLIError(f"no images found in {spec}")
     return pairs
@@ -190,10 +196,10 @@ class _StagedDir:
 # ------------------------------------------------------------------------------------------- profile
 def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, nargs="+", metavar="NAME",
-                   help="network name(s) from effsr.models, or 'all'")
+                   help=model_help("network name(s)") + ", or 'all'")
     p.add_argument("--input-size", nargs=3, type=int, default=[3, 256, 256], metavar=("C", "H", "W"),
                    help="input size for the counts (default: 3 256 256, the NTIRE convention)")
-    p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file")
+    p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file (default: print only)")
 
 
 @command("profile", help="parameters, FLOPs, activations and convs (NTIRE ESR conventions)",
@@ -209,7 +215,7 @@ def _profile(args: argparse.Namespace) -> int:
         size = tuple(args.input_size)
         profiles = {name: profile(_build_model(name), size) for name in names}
     except ValueError as exc:
-        raise CLIError(_one_line(exc)) from exc
+        raise CLIError(error_line(exc)) from exc
     print(format_table(profiles))
     if args.json:
         if len(profiles) == 1:
@@ -223,17 +229,18 @@ def _profile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def _common_run_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help="network name from effsr.models")
+    p.add_argument("--model", required=True, metavar="NAME", help=model_help())
     p.add_argument("--weights", required=weights_required, metavar="PATH",
                    help="checkpoint (.pth state_dict or .safetensors) for --model")
     p.add_argument("--data", default="default", metavar="DIR",
                    help="dataset root (HR/ + LR_bicubic/X4/), an HR-only folder, or 'default' "
                         "(scikit-image's bundled photos); default: %(default)s")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
-    p.add_argument("--tile", type=int, default=None, metavar="N", help="run on N x N LR tiles")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto, cuda if available)")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="run on N x N LR tiles (default: whole images)")
     p.add_argument("--tile-overlap", type=int, default=8, metavar="N",
                    help="LR pixels of context around each tile (default: %(default)s)")
-    p.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    p.add_argument("--json", metavar="OUT", help="write the results to this JSON file (default: print only)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -246,7 +253,8 @@ def _check_tile_args(args: argparse.Namespace) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _common_run_args(p, weights_required=True)
-    p.add_argument("--save-images", metavar="DIR", help="also write the SR images as PNG into DIR")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="also write the SR images as PNG into DIR (default: not saved)")
     p.add_argument("--y-float", action="store_true",
                    help="measure PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers "
                         "before measuring, as the NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
@@ -268,7 +276,7 @@ def _eval(args: argparse.Namespace) -> int:
                               tile=args.tile, tile_overlap=args.tile_overlap, device=device,
                               y_round=not args.y_float)
         except (ValueError, OSError) as exc:
-            raise CLIError(_one_line(exc)) from exc
+            raise CLIError(error_line(exc)) from exc
         staged.commit()
     width = max([len("image")] + [len(r["name"]) for r in result["per_image"]])
     y_note = "unrounded Y" if args.y_float else "integer Y (NTIRE/MATLAB)"
@@ -289,7 +297,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     _common_run_args(p, weights_required=False)
     p.add_argument("--trials", type=int, default=3, help="timed passes; the best counts (default: 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (default: 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
 
 
 @command("runtime", help="inference time per image (best of N trials) and peak memory",
@@ -315,7 +323,7 @@ def _runtime(args: argparse.Namespace) -> int:
         result = runtime(model, images, device=device, trials=args.trials, warmup=args.warmup,
                          tile=args.tile, tile_overlap=args.tile_overlap)
     except (ValueError, OSError) as exc:
-        raise CLIError(_one_line(exc)) from exc
+        raise CLIError(error_line(exc)) from exc
     mem = result["max_memory_mb"]
     mem_text = "n/a" if mem is None else f"{mem:.1f} MiB ({result['memory_kind']})"
     trials = ", ".join(f"{t:.1f}" for t in result["trials_ms"])
@@ -332,11 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; it imports effsr.cli_core only)
 
     parser = argparse.ArgumentParser(
-        prog="effsr",
+        prog="effsr", formatter_class=HelpFormatter,
         description="Efficient super-resolution toolkit: profile, evaluate, time and shrink SR networks.")
+    parser.add_argument("--version", action="version", version=f"effsr {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
-        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, formatter_class=HelpFormatter))
     return parser
 
 

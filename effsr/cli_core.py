@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Callable
 
-__all__ = ["CLIError", "Command", "COMMANDS", "command"]
+__all__ = ["CLIError", "Command", "COMMANDS", "command", "error_line", "HelpFormatter", "model_help"]
 
 
 class CLIError(Exception):
@@ -37,3 +38,48 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
         COMMANDS[name] = Command(name, help, arguments, run)
         return run
     return register
+
+
+_HINT = re.compile(r"the checkpoint (looks like the official|fits the default) '([A-Za-z0-9_]+)'")
+
+
+def error_line(exc: BaseException, limit: int = 600) -> str:
+    """The message of ``exc`` as one line of at most ``limit`` characters, the actionable part first.
+
+    ``effsr.models.load`` ends a mismatch message with "the checkpoint looks like the official 'rfdn'
+    network"; the key listings before it are long, so that hint is moved to the front (as "try --model
+    rfdn") and only the listings may be cut.
+    """
+    text = str(exc)
+    lines = [part.strip() for part in text.splitlines() if part.strip()]
+    match = _HINT.search(text)
+    if match is not None:
+        kind, guess = match.groups()
+        hint = (f"it looks like the official {guess!r} network (try --model {guess})" if kind.startswith("looks")
+                else f"it fits the default {guess!r} architecture")
+        lines = [hint + ";"] + [part for part in lines if match.group(0) not in part]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default: ``(default: X)`` is appended unless the text already says it.
+
+    Flags (``store_true``) need none; an option without a default reads ``(default: not set)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if text == argparse.SUPPRESS or "default" in text or not action.option_strings:
+            return text
+        if action.nargs == 0 or action.required:
+            return text
+        sep = " " if text else ""
+        return text + sep + ("(default: not set)" if action.default is None else "(default: %(default)s)")
+
+
+def model_help(what: str = "network name") -> str:
+    """``--model`` help listing the valid names (read from :mod:`effsr.models`)."""
+    from effsr import models
+
+    return f"{what}: one of {', '.join(models.names())}"

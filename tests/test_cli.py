@@ -351,3 +351,46 @@ def test_evaluate_measures_gray_sources_on_one_channel() -> None:
     # the +3/-3 channel offsets cancel in the gray mean (exact output), not in the RGB measurement
     assert g["psnr_rgb"] == float("inf") and g["psnr_y"] == float("inf")
     assert c["psnr_rgb"] == pytest.approx(10 * np.log10(255.0**2 / 6.0))
+
+
+# ------------------------------------------------------------------------------------ shrink / demo
+@pytest.mark.parametrize("command", ["shrink", "demo"])
+def test_out_under_a_file_fails_before_any_work(tmp_path, capsys, rfdn_weights, command):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    out = blocker / "run"
+    argv = (["shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data", "default",
+             "--eval-data", "default"] if command == "shrink" else ["demo", "--teacher-steps", "1", "--steps", "1"])
+    code, stdout, err = _run(capsys, *argv, "--out", str(out))
+    line = _error_line(err)
+    assert code == 2 and "--out" in line and "is not a directory" in line and "Error" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and stdout == ""
+
+
+def test_shrink_truncated_weights_is_one_clean_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from effsr import models
+
+    full = tmp_path / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in models.build("rfdn").state_dict().items()}, str(full))
+    cut = tmp_path / "t.safetensors"
+    cut.write_bytes(full.read_bytes()[:10000])
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(cut), "--train-data", "default",
+                        "--eval-data", "default", "--out", str(out), "--no-progress")
+    line = _error_line(err)
+    assert code == 2 and "--weights" in line and str(cut) in line and "truncated or corrupt" in line
+    assert not out.exists()
+
+
+def test_shrink_patch_size_argument(tmp_path, capsys, rfdn_weights):
+    from effsr.shrink.commands import _patch_size
+
+    assert _patch_size("auto") is None and _patch_size("24") == 24
+    code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data",
+                        "default", "--eval-data", "default", "--patch-size", "big", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--patch-size" in err and "'auto'" in err
+    code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data",
+                        "default", "--eval-data", "default", "--patch-size", "8", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--patch-size" in _error_line(err) and not (tmp_path / "r").exists()

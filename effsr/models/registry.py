@@ -107,7 +107,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise FileNotFoundError(f"path: no checkpoint file at {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        obj: Any = load_file(str(path), device="cpu")
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - SafetensorError (truncated/corrupt), OSError: re-raised with the path
+            raise ValueError(f"path: cannot read {path} as a safetensors file (truncated or corrupt?): "
+                             f"{err}") from err
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

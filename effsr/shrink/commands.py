@@ -5,20 +5,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from effsr.cli_core import CLIError, command
+from effsr.cli_core import CLIError, command, error_line, model_help
 
 __all__: list[str] = []
 
 
 def _shrink_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help="teacher network name (effsr.models)")
+    p.add_argument("--model", required=True, metavar="NAME", help=model_help("teacher network"))
     p.add_argument("--weights", required=True, metavar="PATH", help="teacher checkpoint (.pth or .safetensors)")
     p.add_argument("--model-config", default=None, metavar="JSON",
                    help='width/depth of the teacher checkpoint if not the official one, e.g. \'{"nf": 24}\'')
     p.add_argument("--train-data", required=True, metavar="DIR",
                    help="training images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image photos)")
     p.add_argument("--eval-data", required=True, action="append", metavar="DIR",
-                   help="evaluation set (repeat for several)")
+                   help="evaluation set: a folder as for --train-data, or 'default' (repeat for several)")
     p.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
                    help="fraction of filters to remove, in [0, 1) (default 0: no pruning)")
     p.add_argument("--prune-steps", type=int, default=1, metavar="K",
@@ -28,26 +28,49 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tucker-min-channels", type=int, default=16, metavar="N",
                    help="skip convs with fewer channels than this (default 16)")
     p.add_argument("--repify", default=None, metavar="BLOCK",
-                   help="turn the student's 3x3 convs into this rep block first (ecb, rrrb, dbb, ...)")
+                   help="turn the student's 3x3 convs into this rep block first (ecb, rrrb, dbb, ...; "
+                        "default: no repify)")
     p.add_argument("--steps", type=int, default=100, metavar="N",
                    help="distillation steps after repify, each pruning step and Tucker (default 100)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--patch-size", type=int, default=48, metavar="N", help="LR patch size (default 48)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="training patches per step")
+    p.add_argument("--patch-size", type=_patch_size, default=None, metavar="N|auto",
+                   help="LR training patch side (default: auto = the smallest LR side of the training images, "
+                        "at most 48, so every image is used; images smaller than N are left out, and the log "
+                        "says which)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (Adam, default 1e-4)")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto, cuda if available)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random choice in the run")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="output folder (default runs/shrink_<model>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (completed stages are reloaded, an interrupted "
+                        "one continues from its last checkpoint)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure the official checkpoints (default: when the shared data is found)")
-    p.add_argument("--peers-dir", default=None, metavar="DIR", help="folder of the official checkpoints")
-    p.add_argument("--max-train-images", type=int, default=None, metavar="N")
-    p.add_argument("--max-eval-images", type=int, default=None, metavar="N")
-    p.add_argument("--runtime-trials", type=int, default=3, metavar="N")
+    p.add_argument("--peers-dir", default=None, metavar="DIR",
+                   help="folder of the official checkpoints (default: $EFFSR_DATA/checkpoints or "
+                        "../shared/data/checkpoints)")
+    p.add_argument("--max-train-images", type=int, default=None, metavar="N",
+                   help="use at most N training images (default: all)")
+    p.add_argument("--max-eval-images", type=int, default=None, metavar="N",
+                   help="use at most N images of each eval set (default: all)")
+    p.add_argument("--runtime-trials", type=int, default=3, metavar="N", help="timed passes per model in the report")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--y-float", action="store_true",
+                   help="report PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers, as the "
+                        "NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _patch_size(text: str) -> int | None:
+    """``--patch-size``: ``auto`` (None) or an int."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
 def _model_config(text: str | None) -> dict:
@@ -57,9 +80,6 @@ def _model_config(text: str | None) -> dict:
         return {}
     try:
         value = json.loads(text)
-    p.add_argument("--y-float", action="store_true",
-                   help="report PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers, as the "
-                        "NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
     except json.JSONDecodeError as err:
         raise CLIError(f"--model-config: not valid JSON ({err})") from None
     if not isinstance(value, dict):
@@ -117,30 +137,31 @@ def _shrink(args: argparse.Namespace) -> int:
     try:
         results = run_shrink(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad data / checkpoint found while loading
-        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        raise CLIError(error_line(err)) from err
     if results.get("is_main", True):  # under torchrun only rank 0 wrote the report
         _print_summary(cfg.out, time.perf_counter() - t0)
     return 0
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", metavar="RUN_DIR", help="output folder (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", metavar="RUN_DIR", help="output folder")
     p.add_argument("--steps", type=int, default=60, metavar="N",
                    help="distillation steps per student stage (default 60)")
     p.add_argument("--teacher-steps", type=int, default=800, metavar="N",
                    help="training steps of the demo teacher (default 800)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nf", type=int, default=24, help="teacher width (default 24)")
-    p.add_argument("--prune", type=float, default=0.3, metavar="RATIO")
-    p.add_argument("--tucker", type=float, default=0.7, metavar="FRACTION")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random choice in the run")
+    p.add_argument("--nf", type=int, default=24, metavar="N", help="teacher width")
+    p.add_argument("--prune", type=float, default=0.3, metavar="RATIO", help="fraction of filters to remove")
+    p.add_argument("--tucker", type=float, default=0.7, metavar="FRACTION",
+                   help="Tucker-2: fraction of each 3x3 conv's parameters to keep")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure the official checkpoints if the shared data is found (default: no)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default 1: the demo's small convs gain little from more, and lose a "
                         "lot on a busy machine)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 @command("demo", help="the whole shrink pipeline offline on scikit-image's photos (a few minutes on CPU)",
@@ -159,7 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
                  prune=args.prune, tucker=args.tucker, device=args.device, resume=args.resume,
                  peers=args.peers, progress=not args.no_progress)
     except (ValueError, TypeError) as err:
-        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        raise CLIError(error_line(err)) from err
     _print_summary(args.out, time.perf_counter() - t0)
     sys.stdout.flush()
     return 0

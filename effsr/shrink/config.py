@@ -61,7 +61,7 @@ class ShrinkConfig:
     repify: str | None = None
     steps: int = 100
     batch_size: int = 16
-    patch_size: int = 48
+    patch_size: int | None = None  #: LR patch side; None = auto (:func:`effsr.data.select_patch_pairs`)
     lr: float = 1e-4
     feature_weight: float = 0.1
     device: str = "cpu"
@@ -99,13 +99,13 @@ class ShrinkConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"--{name} must be an int >= 0, got {v!r}")
-        for name in ("batch_size", "patch_size", "runtime_trials", "verify_images", "tucker_min_channels"):
+        for name in ("batch_size", "runtime_trials", "verify_images", "tucker_min_channels"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if self.patch_size < 16:
-            raise ValueError(f"--patch-size must be >= 16 LR pixels (ESA pools 7x7 after a stride-2 conv), "
-                             f"got {self.patch_size}")
+        if self.patch_size is not None and (not _is_int(self.patch_size) or self.patch_size < 16):
+            raise ValueError(f"--patch-size must be 'auto' or an int >= 16 LR pixels (ESA pools 7x7 after a "
+                             f"stride-2 conv), got {self.patch_size!r}")
         for name in ("max_train_images", "max_eval_images"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
@@ -178,8 +178,10 @@ class ShrinkConfig:
             raise ValueError(f"--out: {self.out} already holds a shrink run; pass --resume to continue it or "
                              "choose another folder")
         parent = out
-        while not parent.exists():
+        while not parent.exists() and parent != parent.parent:
             parent = parent.parent
+        if not parent.is_dir():  # e.g. --out report.txt/run: mkdir would fail after the work is done
+            raise ValueError(f"--out: {self.out} cannot be created: {parent} is not a directory")
         if not os.access(parent, os.W_OK):
             raise ValueError(f"--out: {parent} is not writable")
 

@@ -37,7 +37,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     rng = float(getattr(teacher, "input_range", 1.0))
     names = feature_pairs(teacher, student) if cfg.feature_weight > 0 else []
     pairs = [(n, n, cfg.feature_weight / rng) for n in names]
-    ds = PatchDataset(state.train_pairs, patch_size=cfg.patch_size, augment=True,
+    ds = PatchDataset(state.train_pairs, patch_size=state.patch_size, augment=True,
                       length=max(len(state.train_pairs), cfg.batch_size * state.dist.world_size), seed=seed)
     d = distill.Distiller(teacher, student, pairs=pairs, adapter="conv1x1", output_weight=1.0, gt_weight=1.0)
     try:

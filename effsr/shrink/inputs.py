@@ -7,27 +7,24 @@ from typing import Any, Sequence
 __all__ = ["open_train_pairs", "open_eval_sets", "fitting_pairs"]
 
 
-def fitting_pairs(pairs: Sequence[Any], patch_size: int, limit: int | None = None) -> list[Any]:
-    """The first ``limit`` (all when None) of ``pairs`` whose LR image fits a ``patch_size`` crop."""
-    n = len(pairs) if limit is None else min(limit, len(pairs))
-    chosen = []
-    for i in range(len(pairs)):
-        p = pairs[i]
-        if min(p.lr.shape[:2]) >= patch_size:
-            chosen.append(p)
-        if len(chosen) >= n:
-            break
-    return chosen
-
-
-def open_train_pairs(spec: str, patch_size: int, limit: int | None = None) -> list[Any]:
-    """Training pairs of ``spec`` (folder or ``"default"``) whose LR image fits a ``patch_size`` crop."""
+def fitting_pairs(pairs: Sequence[Any], patch_size: int | None, limit: int | None = None,
+                  what: str = "--train-data") -> Any:
+    """:func:`effsr.data.select_patch_pairs` with errors naming ``what``: the pairs that take a
+    ``patch_size`` crop (None: auto), the patch size, and which images were left out (``.message()``)."""
     from effsr import data
 
-    chosen = fitting_pairs(data.open_dataset(spec), patch_size, limit)
-    if not chosen:
-        raise ValueError(f"--train-data: no image of {spec} has an LR side >= --patch-size {patch_size}")
-    return chosen
+    try:
+        return data.select_patch_pairs(pairs, patch_size, limit)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err} (--patch-size {'auto' if patch_size is None else patch_size})") from None
+
+
+def open_train_pairs(spec: str, patch_size: int | None, limit: int | None = None) -> Any:
+    """Training pairs of ``spec`` (folder or ``"default"``) that fit a ``patch_size`` crop (None: auto), as
+    a :class:`effsr.data.PatchSelection`."""
+    from effsr import data
+
+    return fitting_pairs(data.open_dataset(spec), patch_size, limit, what=f"--train-data {spec}")
 
 
 def open_eval_sets(specs: Sequence[str], limit: int | None = None) -> dict[str, list[Any]]:

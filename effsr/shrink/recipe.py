@@ -210,8 +210,11 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(METADATA_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as err:  # noqa: BLE001 - SafetensorError (truncated/corrupt), OSError: re-raised with the path
+        raise ValueError(f"path: cannot read {path} as a safetensors file (truncated or corrupt?): {err}") from err
     return _check_recipe(text) if text is not None else None
 
 
@@ -251,6 +254,9 @@ def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu
     if recipe is None:
         raise ValueError(f"path: {path} has no '{METADATA_KEY}' metadata (not written by effsr shrink)")
     model = build_from_recipe(recipe)
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - header readable but the tensors are cut off
+        raise ValueError(f"path: cannot read the tensors of {path} (truncated or corrupt?): {err}") from err
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

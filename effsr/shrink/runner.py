@@ -144,22 +144,21 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
     run_dir = Path(cfg.out)
     teacher = load_teacher(cfg).to(device).eval()
     if train_pairs is None:
-        train_pairs = open_train_pairs(cfg.train_data, cfg.patch_size, cfg.max_train_images)
+        selection = open_train_pairs(cfg.train_data, cfg.patch_size, cfg.max_train_images)
     else:
-        train_pairs = fitting_pairs(train_pairs, cfg.patch_size)
-        if not train_pairs:
-            raise ValueError(f"train_pairs: no image has an LR side >= patch_size {cfg.patch_size}")
+        selection = fitting_pairs(train_pairs, cfg.patch_size, what="train_pairs")
     if eval_sets is None:
         eval_sets = open_eval_sets(cfg.eval_data, cfg.max_eval_images)
-    state = RunState(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, train_pairs=list(train_pairs),
+    state = RunState(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, train_pairs=list(selection.pairs),
                      eval_sets={k: list(v) for k, v in eval_sets.items()}, dist=dist_ctx,
-                     teacher_label=teacher_label)
+                     teacher_label=teacher_label, patch_size=selection.patch_size)
     if state.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.as_dict())
     state.log(f"teacher {cfg.model} ({count_params(teacher):,} params) from {cfg.weights}; "
               f"{len(state.train_pairs)} training image(s), eval sets {list(state.eval_sets)}; device {device}; "
               f"world size {dist_ctx.world_size}")
+    state.log(f"training data: {selection.message()}")
     t0 = time.perf_counter()
     try:
         results = StageRunner(state, stop_after).run()

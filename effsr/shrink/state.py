@@ -32,6 +32,7 @@ class RunState:
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     teacher_label: str = "teacher"
     stage_index: int = 0  #: index of the stage running now (set by the runner; seeds derive from it)
+    patch_size: int = 48  #: LR training patch side (``cfg.patch_size``, resolved when that is auto)
 
     @property
     def main(self) -> bool:
