@@ -28,6 +28,7 @@ from torch import nn
 from ._backend import numpy_backend
 from ._blas import single_threaded_blas
 from .ranks import resolve_rank
+from reparam import kernels as K
 
 __all__ = ["TuckerConv", "tucker_conv", "recompose", "check_conv", "tucker_factors"]
 
@@ -142,27 +143,20 @@ def recompose(seq: nn.Sequential) -> nn.Conv2d:
     check_conv(mid, "seq[1]")
     if first.out_channels != mid.in_channels or mid.out_channels != last.in_channels:
         raise ValueError("seq: channel counts do not chain (first.out == core.in, core.out == last.in)")
-    f64 = dict(dtype=torch.float64)
-    u_in = first.weight.detach().to("cpu", **f64)[:, :, 0, 0]          # r_in x Cin
-    core = mid.weight.detach().to("cpu", **f64)                        # r_out x r_in x kh x kw
-    u_out = last.weight.detach().to("cpu", **f64)[:, :, 0, 0]          # Cout x r_out
-    weight = torch.einsum("oa,abhw,bi->oihw", u_out, core, u_in)
-    bias = torch.zeros(last.out_channels, **f64)
-    has_bias = False
     if first.bias is not None:
         padded = (mid.padding == "same" and mid.kernel_size != (1, 1)) or (
             isinstance(mid.padding, tuple) and any(p > 0 for p in mid.padding))
         if padded and mid.padding_mode == "zeros":
             raise ValueError("seq: a bias on the first conv before a zero-padded core cannot be folded exactly")
-        mid_bias = core.sum(dim=(2, 3)) @ first.bias.detach().to("cpu", **f64)
-        bias += u_out @ mid_bias
-        has_bias = True
-    if mid.bias is not None:
-        bias += u_out @ mid.bias.detach().to("cpu", **f64)
-        has_bias = True
-    if last.bias is not None:
-        bias += last.bias.detach().to("cpu", **f64)
-        has_bias = True
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    # the kernel algebra is reparam's: 1x1 -> kxk, then kxk -> 1x1 (a bias on the first conv is folded
+    # through the core, exact here since the core's padding is not zeros or there is none)
+    inner = K.merge_sequential((f64(first.weight), f64(first.bias)), (f64(mid.weight), f64(mid.bias)))
+    weight, bias = K.merge_sequential(inner, (f64(last.weight), f64(last.bias)))
+    has_bias = any(m.bias is not None for m in seq)
     out = nn.Conv2d(first.in_channels, last.out_channels, mid.kernel_size, stride=mid.stride, padding=mid.padding,
                     dilation=mid.dilation, bias=has_bias, padding_mode=mid.padding_mode,
                     device=mid.weight.device, dtype=mid.weight.dtype)

@@ -6,11 +6,14 @@ input channel ``i`` removes it from every branch that reads the block input. Int
 are kept, except where the block ties them to its channel count (RRRB's ``ratio * C``). After slicing,
 the block is a valid block of the same class, so ``reparam.fuse_all`` still fuses it exactly.
 
-Blocks with an identity path (``RRRB``, ``ERB``, ``ECB(with_idt=True)``) are *coupled*: their input
-and output channels are the same channels and are always pruned together.
+Blocks with an identity path (``RRRB``, ``ERB``, ``ECB(use_identity=True)``, ...) are *coupled*: their
+input and output channels are the same channels and are always pruned together.
 
-Register slicers for further block classes with :func:`register_rep_block`; a RepBlock class without a
-slicer is left alone by the pruner (and every group touching it is reported as locked).
+Every block that declares its branches (``RepBlock.branches()``: ECB, EDBB, DBB, ACB, RepVGG, MobileOne,
+RepConv, RepLK, and user blocks that do the same) is sliced by :func:`branch_slicer`, derived from that
+declaration -- no branch is named here. RRRB/ERB (nested residuals tying the expanded width to ``C``)
+have their own slicers. Register slicers for further block classes with :func:`register_rep_block`; a
+RepBlock class with neither is left alone by the pruner (and every group touching it is reported as locked).
 """
 from __future__ import annotations
 
@@ -20,11 +23,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-import reparam
-from reparam import ECB, ERB, RRRB, ConvBN, RepBlock
+from reparam import ERB, RRRB, ChannelVector, ConvBN, RepBlock
 
-__all__ = ["RepSlicer", "register_rep_block", "get_slicer", "branch_slicer", "slice_conv", "slice_convbn",
-           "slice_param"]
+__all__ = ["RepSlicer", "register_rep_block", "get_slicer", "branch_slicer", "declares_branches", "slice_conv",
+           "slice_convbn", "slice_param"]
 
 
 def _keep(n: int, drop: Sequence[int]) -> list[int]:
@@ -104,34 +106,17 @@ def register_rep_block(cls: type[RepBlock], prune: Callable[[RepBlock, list[int]
 
 
 def get_slicer(block_or_cls: RepBlock | type) -> RepSlicer | None:
-    """The registered slicer of a block (exact class match), or None."""
+    """The slicer of a block: the one registered for its exact class, else the one derived from its own
+    branch declaration (:func:`branch_slicer`), else None (the pruner leaves the block alone)."""
     cls = block_or_cls if isinstance(block_or_cls, type) else type(block_or_cls)
-    return _SLICERS.get(cls)
+    if cls in _SLICERS:
+        return _SLICERS[cls]
+    return _DECLARED if declares_branches(cls) else None
 
 
 def _check_dense(block: RepBlock) -> None:
     if block.groups != 1:
         raise ValueError(f"{type(block).__name__} with groups={block.groups}: only groups=1 rep blocks can be pruned")
-
-
-# ---------------------------------------------------------------------------------------------- ECB
-def _prune_ecb(block: ECB, out_idxs: list[int] | None, in_idxs: list[int] | None) -> None:
-    _check_dense(block)
-    out_keep = None if out_idxs is None else _keep(block.out_channels, out_idxs)
-    in_keep = None if in_idxs is None else _keep(block.in_channels, in_idxs)
-    slice_convbn(block.conv_kxk, out_keep, in_keep)
-    slice_convbn(block.expand, None, in_keep)           # expanded width stays
-    slice_convbn(block.expand_kxk, out_keep, None)
-    for e in block.edges:
-        slice_convbn(block.edge_1x1[e], out_keep, in_keep)
-        if out_keep is not None:
-            slice_param(block.edge_scale, e, out_keep)
-            if block.bias:
-                slice_param(block.edge_bias, e, out_keep)
-    if out_keep is not None:
-        block.out_channels = len(out_keep)
-    if in_keep is not None:
-        block.in_channels = len(in_keep)
 
 
 # --------------------------------------------------------------------------------------- RRRB / ERB
@@ -168,81 +153,52 @@ def _prune_erb(block: ERB, out_idxs: list[int] | None, in_idxs: list[int] | None
     block.in_channels = block.out_channels = block.rrrb1.out_channels
 
 
-# ------------------------------------------------------------------------- branch-structured blocks
-def _units(block: nn.Module, attrs: Sequence[str]) -> list[nn.Module]:
-    out: list[nn.Module] = []
-    for a in attrs:
-        m = getattr(block, a, None)
-        if m is None:
+# ------------------------------------------------------------------------- blocks declaring branches
+def _declared_params(block: RepBlock) -> set[int]:
+    return {id(p) for br in block.branches() for p in br.parameters()}
+
+
+def branch_slicer(block: RepBlock, out_idxs: list[int] | None, in_idxs: list[int] | None) -> None:
+    """The slicer of every block that declares its branches (``RepBlock.branches()``), derived from that
+    declaration: along each branch the first conv loses the pruned input channels, the last conv the
+    pruned output channels, and the branch's per-output-channel tail (BatchNorm, scale/shift vectors) the
+    pruned outputs. Internal widths (an expand or 1x1 -> k x k branch's middle) are kept.
+
+    Raises ``ValueError`` if the declaration misses a parameter of the block (it would go stale)."""
+    _check_dense(block)
+    missing = [n for n, p in block.named_parameters() if id(p) not in _declared_params(block)]
+    if missing:
+        raise ValueError(f"{type(block).__name__}.branches() does not declare {missing}: cannot slice it")
+    out_keep = None if out_idxs is None else _keep(block.out_channels, out_idxs)
+    in_keep = None if in_idxs is None else _keep(block.in_channels, in_idxs)
+    for br in block.branches():
+        convs = br.convs
+        for i, unit in enumerate(convs):
+            slice_convbn(unit, out_keep if i == len(convs) - 1 else None, in_keep if i == 0 else None)
+        if out_keep is None:
             continue
-        out.extend(m if isinstance(m, (nn.ModuleList, list, tuple)) else [m])
-    return out
+        for unit in br.tail:
+            if isinstance(unit, ChannelVector):
+                slice_param(unit.container, unit.key, out_keep)
+            elif isinstance(unit, nn.modules.batchnorm._BatchNorm):
+                _slice_bn(unit, out_keep)
+    if out_keep is not None:
+        block.out_channels = len(out_keep)
+    if in_keep is not None:
+        block.in_channels = len(in_keep)
 
 
-def branch_slicer(full: Sequence[str] = (), in_only: Sequence[str] = (), out_only: Sequence[str] = (),
-                  out_modules: Sequence[str] = (), out_params: Sequence[str] = (),
-                  then: Callable[[RepBlock, list[int] | None, list[int] | None], None] | None = None,
-                  ) -> Callable[[RepBlock, list[int] | None, list[int] | None], None]:
-    """A slicer for blocks made of ConvBN branches, by attribute name: ``full`` branches map block input
-    to block output (sliced on both sides), ``in_only`` read the input into an internal width,
-    ``out_only`` write the output from an internal width, ``out_modules`` are per-output-channel
-    BatchNorms (``nn.Identity``/None are skipped), ``out_params`` are ``ParameterDict`` of per-output
-    -channel vectors. ``then`` runs afterwards (for subclasses adding branches)."""
-
-    def prune_fn(block: RepBlock, out_idxs: list[int] | None, in_idxs: list[int] | None) -> None:
-        _check_dense(block)
-        out_keep = None if out_idxs is None else _keep(block.out_channels, out_idxs)
-        in_keep = None if in_idxs is None else _keep(block.in_channels, in_idxs)
-        for u in _units(block, full):
-            slice_convbn(u, out_keep, in_keep)
-        for u in _units(block, in_only):
-            slice_convbn(u, None, in_keep)
-        for u in _units(block, out_only):
-            slice_convbn(u, out_keep, None)
-        if out_keep is not None:
-            for u in _units(block, out_modules):
-                if isinstance(u, nn.modules.batchnorm._BatchNorm):
-                    _slice_bn(u, out_keep)
-            for a in out_params:
-                pd = getattr(block, a)
-                for key in list(pd.keys()):
-                    slice_param(pd, key, out_keep)
-        if then is not None:
-            then(block, out_idxs, in_idxs)
-        if out_keep is not None:
-            block.out_channels = len(out_keep)
-        if in_keep is not None:
-            block.in_channels = len(in_keep)
-
-    return prune_fn
+def _has_identity_path(block: RepBlock) -> bool:
+    return any(br.is_identity for br in block.branches())
 
 
-def _has_identity(block: RepBlock) -> bool:
-    return getattr(block, "identity", None) is not None or bool(getattr(block, "with_idt", False))
+def declares_branches(cls: type) -> bool:
+    """Whether ``cls`` itself (not only a base class) declares its branches: a subclass that adds modules
+    without re-declaring would be sliced incompletely, so it is left to an explicit registration."""
+    return isinstance(cls, type) and issubclass(cls, RepBlock) and "branches" in vars(cls)
 
 
-register_rep_block(ECB, _prune_ecb, coupled=lambda b: bool(b.with_idt))
-_OPTIONAL = {
-    "RepVGGBlock": dict(full=("conv_kxk", "conv_1x1"), out_modules=("identity",)),
-    "ACB": dict(full=("square", "hor", "ver")),
-    "RepLKConv": dict(full=("large", "small")),
-    "MobileOneBlock": dict(full=("conv_kxk", "conv_scale"), out_modules=("identity",)),
-    "DBB": dict(full=("conv_kxk", "conv_1x1", "avg_1x1"), in_only=("seq_1x1",), out_only=("seq_kxk",),
-                out_modules=("avg_bn",)),
-    "RepConv": dict(full=("conv_kxk", "conv_1x1", "avg_1x1"), in_only=("seq_1x1",), out_only=("seq_kxk",),
-                    out_params=("scales",)),
-}
-for _name, _spec in _OPTIONAL.items():
-    _cls = getattr(reparam, _name, None)
-    if isinstance(_cls, type) and issubclass(_cls, RepBlock):
-        register_rep_block(_cls, branch_slicer(**_spec), coupled=_has_identity)
-if isinstance(getattr(reparam, "EDBB", None), type):
-    def _prune_edbb(block: RepBlock, out_idxs: list[int] | None, in_idxs: list[int] | None) -> None:
-        out_keep = None if out_idxs is None else _keep(block.out_channels, out_idxs)
-        in_keep = None if in_idxs is None else _keep(block.in_channels, in_idxs)
-        slice_convbn(block.conv_1x1, out_keep, in_keep)
-        _prune_ecb(block, out_idxs, in_idxs)
+_DECLARED = RepSlicer(prune=branch_slicer, coupled=_has_identity_path)
 
-    register_rep_block(reparam.EDBB, _prune_edbb, coupled=_has_identity)
 register_rep_block(RRRB, _prune_rrrb, coupled=True)
 register_rep_block(ERB, _prune_erb, coupled=True)

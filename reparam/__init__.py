@@ -5,7 +5,7 @@
 >>> conv = block.fuse()            # one nn.Conv2d computing the same function
 """
 from . import kernels
-from .base import MODES, ConvBN, RepBlock
+from .base import MODES, Branch, ChannelVector, ConvBN, FuseModeWarning, RepBlock
 from .convert import BLOCKS, fuse_all, get_block, register, rep_blocks, repify, set_mode
 from .acb import ACB
 from .dbb import DBB
@@ -21,6 +21,6 @@ for _cls in (ECB, RRRB, ERB, DBB, RepConv, ACB, RepVGGBlock, MobileOneBlock, Rep
     register(_cls)
 
 __all__ = [
-    "kernels", "MODES", "ConvBN", "RepBlock", "BLOCKS", "fuse_all", "get_block", "rep_blocks", "repify",
+    "kernels", "MODES", "Branch", "ChannelVector", "ConvBN", "FuseModeWarning", "RepBlock", "BLOCKS", "fuse_all", "get_block", "rep_blocks", "repify",
     "set_mode", "ECB", "RRRB", "ERB", "DBB", "RepConv", "ACB", "RepVGGBlock", "MobileOneBlock", "RepLKConv", "EDBB",
 ]

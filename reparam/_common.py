@@ -9,9 +9,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import kernels as K
-from .base import ConvBN
+from .base import Branch, ChannelVector, ConvBN, RepBlock
 
-__all__ = ["crop", "check_bool", "resolve_identity", "load_exact", "silence", "silence_bn", "unit_bn"]
+__all__ = ["crop", "check_bool", "resolve_identity", "load_exact", "load_declared", "silence", "silence_bn",
+           "switch_off", "unit_bn"]
 
 
 def crop(x: Tensor, ph: int, pw: int) -> Tensor:
@@ -34,11 +35,16 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def resolve_identity(name: str, value: bool | None, in_channels: int, out_channels: int, stride: int) -> bool:
-    """``None``: an identity branch whenever it exists (``in == out`` and stride 1); ``True``: required."""
+    """The one meaning of every block's ``use_identity`` option.
+
+    ``None``: an identity branch whenever it exists (``in == out`` and stride 1); ``True``: required
+    (``ValueError`` otherwise); ``False``: none. Anything else is a ``TypeError`` naming ``name``.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None, True or False, got {value!r}")
     possible = in_channels == out_channels and stride == 1
     if value is None:
         return possible
-    check_bool(name, value)
     if value and not possible:
         raise ValueError(
             f"{name}=True needs in_channels == out_channels and stride == 1 "
@@ -104,3 +110,42 @@ def silence(unit: ConvBN | nn.Module) -> None:
         unit.conv.weight.zero_()
         if unit.conv.bias is not None:
             unit.conv.bias.zero_()
+
+
+def switch_off(branch: Branch) -> None:
+    """Make ``branch`` output exactly zero, whatever its input.
+
+    A BatchNorm in its tail gets ``gamma = beta = 0``; otherwise its last conv is silenced (:func:`silence`)
+    and its shift vectors are zeroed (scale vectors are kept, so the branch trains again as soon as the
+    conv moves).
+    """
+    bns = [u for u in branch.tail if isinstance(u, _BatchNorm)]
+    if bns:
+        silence_bn(bns[-1])
+        return
+    if branch.is_identity:
+        raise ValueError(f"branch {branch.name!r}: a fixed identity path cannot be switched off")
+    silence(branch.convs[-1])
+    for u in branch.tail:
+        if isinstance(u, ChannelVector) and u.neutral == 0.0:
+            u.param.zero_()
+
+
+def load_declared(block: RepBlock, weight: Tensor, bias: Tensor | None) -> None:
+    """``load_kernel`` derived from ``block.branches()``: the target (minus every fixed identity path) in the
+    ``main`` branch's single conv, its tail vectors set to their neutral value, every other branch off."""
+    branches = block.branches()
+    main = [b for b in branches if b.main]
+    if len(main) != 1 or len(main[0].convs) != 1 or any(isinstance(u, _BatchNorm) for u in main[0].tail):
+        raise TypeError(f"{type(block).__name__}.branches() must declare exactly one main branch with one conv "
+                        "and no BatchNorm after it")
+    fixed = sum(1 for b in branches if b.is_identity and not b.units)
+    if fixed:
+        weight = K.subtract_identity(weight, block.groups, times=fixed)
+    load_exact(main[0].convs[0], weight, bias)
+    for u in main[0].tail:
+        if isinstance(u, ChannelVector):
+            u.param.fill_(u.neutral)
+    for b in branches:
+        if not b.main and b.units:
+            switch_off(b)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import kernels as K
-from ._common import check_bool, crop, load_exact, silence
-from .base import ConvBN, RepBlock
+from ._common import check_bool, crop
+from .base import Branch, ConvBN, RepBlock
 
 
 class ACB(RepBlock):
@@ -48,10 +48,8 @@ class ACB(RepBlock):
     def fused_kernel(self) -> K.Kernel:
         return K.merge_parallel([self.square.kernel(), self.hor.kernel(), self.ver.kernel()], size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        load_exact(self.square, weight, bias)
-        silence(self.hor)
-        silence(self.ver)
+    def branches(self) -> list[Branch]:
+        return [Branch("square", (self.square,), main=True), Branch("hor", (self.hor,)), Branch("ver", (self.ver,))]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn={self.use_bn}"

@@ -8,7 +8,9 @@ geometry (stride, dilation, groups, padding and padding_mode all preserved).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,15 @@ from . import kernels as K
 MODES = ("branches", "online")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-__all__ = ["RepBlock", "ConvBN", "MODES", "PADDING_MODES", "bn_kernel", "check_int"]
+__all__ = ["RepBlock", "ConvBN", "Branch", "ChannelVector", "FuseModeWarning", "MODES", "PADDING_MODES",
+           "RENAMED_OPTIONS", "bn_kernel", "check_int"]
+
+#: Options that were renamed: passing the old name raises ``TypeError`` naming the new one.
+RENAMED_OPTIONS = {"with_idt": "use_identity"}
+
+
+class FuseModeWarning(UserWarning):
+    """A block with BatchNorm was fused while in training mode (the fused conv equals its eval mode)."""
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -105,6 +115,66 @@ class ConvBN(nn.Module):
         return F.pad(y, [pad] * 4, mode=padding_mode)
 
 
+@dataclass(frozen=True)
+class ChannelVector:
+    """A learnable per-output-channel vector of a branch, stored as ``container[key]`` (a ``ParameterDict``).
+
+    ``neutral`` is the value that makes it a no-op: ``1.0`` for a scale, ``0.0`` for a shift.
+    """
+
+    container: nn.ParameterDict
+    key: str
+    neutral: float
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.container[self.key]
+
+
+Unit = Union[ConvBN, _BatchNorm, ChannelVector]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One parallel path from a block's input to its output, as the block declares it (:meth:`RepBlock.branches`).
+
+    ``units`` are the learnable pieces along the path, input side first: its :class:`ConvBN` convs (the
+    first reads the block input, the last writes the block output, fixed operators such as an average or a
+    Sobel mask may sit between or after them) followed by its per-output-channel *tail*: a BatchNorm or
+    :class:`ChannelVector` s applied after the last conv. A path without convs is an *identity* path:
+    ``units == ()`` is a fixed ``+ x``, ``(bn,)`` an identity-BN. ``main`` marks the one branch that
+    :meth:`RepBlock.load_kernel` writes a target kernel into; every other branch is switched off.
+
+    The declaration is the single source for everything that treats branches generically: the default
+    :meth:`RepBlock.load_kernel` and ``prune``'s channel slicers both derive from it.
+    """
+
+    name: str
+    units: tuple[Unit, ...]
+    main: bool = False
+
+    @property
+    def convs(self) -> tuple[ConvBN, ...]:
+        return tuple(u for u in self.units if isinstance(u, ConvBN))
+
+    @property
+    def tail(self) -> tuple[Unit, ...]:
+        """The per-output-channel units after the last conv (all units of an identity path)."""
+        last = max((i for i, u in enumerate(self.units) if isinstance(u, ConvBN)), default=-1)
+        return self.units[last + 1:]
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.convs
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for u in self.units:
+            if isinstance(u, ChannelVector):
+                yield u.param
+            else:
+                yield from u.parameters()
+
+
 class RepBlock(nn.Module):
     """Base class of every training-time block that fuses to plain convs.
 
@@ -120,6 +190,15 @@ class RepBlock(nn.Module):
     name: ClassVar[str] = ""
     #: Whether ``in_channels != out_channels`` is allowed.
     allows_in_ne_out: ClassVar[bool] = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RepBlock":
+        for old, new in RENAMED_OPTIONS.items():
+            if old in kwargs:
+                raise TypeError(
+                    f"{old}: this option is now called {new} (the same in every block: None adds the identity "
+                    f"branch whenever it exists, True requires it, False leaves it out)"
+                )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -144,11 +223,9 @@ class RepBlock(nn.Module):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         self.bias = bias
         same = dilation * (kernel_size - 1) // 2
-        if kernel_size % 2 == 0:
-            if padding is None:
-                raise ValueError(f"kernel_size={kernel_size} is even: pass an explicit padding (odd kernels are 'same' padded)")
+        if kernel_size % 2 == 0:  # whatever the padding: an even kernel has no centre to merge branches on
             raise ValueError(
-                f"kernel_size={kernel_size}: rep blocks merge centred branches and need an odd kernel_size"
+                f"kernel_size={kernel_size} is even: rep blocks merge centred branches and need an odd kernel_size"
             )
         if padding is not None and padding != same:
             raise ValueError(f"padding must be {same} ('same' for kernel_size={kernel_size}, dilation={dilation}), got {padding}")
@@ -172,13 +249,17 @@ class RepBlock(nn.Module):
     def has_batchnorm(self) -> bool:
         return any(isinstance(m, _BatchNorm) for m in self.modules())
 
-    def set_mode(self, mode: str) -> "RepBlock":
+    def check_mode(self, mode: str) -> None:
+        """Raise ``ValueError`` if this block cannot run in ``mode`` (nothing is changed)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "online" and self.has_batchnorm():
             raise ValueError(
                 f"mode='online' needs a block without BatchNorm; {type(self).__name__} has BN branches (build it with bn=False)"
             )
+
+    def set_mode(self, mode: str) -> "RepBlock":
+        self.check_mode(mode)
         self._mode = mode
         return self
 
@@ -207,23 +288,66 @@ class RepBlock(nn.Module):
         """``(weight, bias)`` of the single conv equal to the block (eval mode), differentiable."""
         raise NotImplementedError
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:  # pragma: no cover - abstract
-        """Set the parameters so that the block computes exactly the conv ``(weight, bias)``."""
-        raise NotImplementedError
+    def branches(self) -> list[Branch]:
+        """The block's parallel paths (see :class:`Branch`), declared once per block class.
+
+        :meth:`load_kernel` and ``prune``'s channel slicers derive from it; a block whose structure is not a
+        sum of such paths (RRRB's nested residuals) does not declare it and implements both itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare its branches")
+
+    def identity_kernel(self, norm: _BatchNorm | None = None) -> K.Kernel:
+        """The identity path as a kernel of the block's geometry, followed by ``norm`` (identity-BN) if given."""
+        like = next(self.parameters(), None)
+        if like is None:
+            like = torch.zeros(())
+        idt = K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=like)
+        return bn_kernel(idt, norm)
+
+    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Set the parameters so that the block computes exactly the conv ``(weight, bias)``.
+
+        Default, from :meth:`branches`: the ``main`` branch's conv carries the target (minus any fixed
+        identity path; its scale vectors set to 1 and shifts to 0), every other branch is switched off.
+        """
+        from ._common import load_declared  # _common builds on this module
+
+        load_declared(self, weight, bias)
 
     # ------------------------------------------------------------------ fuse
     @property
     def fused_has_bias(self) -> bool:
-        """Whether the fused conv carries a bias (False only for a bias-free, BN-free block)."""
-        return self.bias or self.has_batchnorm()
+        """Whether :meth:`fuse` gives a conv with a bias.
+
+        Rule: a block built with ``bias=True`` always fuses to a conv with a bias; a block built with
+        ``bias=False`` fuses to a bias-free conv whenever its fused bias is exactly zero (always without
+        BatchNorm; with BatchNorm, e.g. right after ``from_conv`` of a bias-free conv), so that ``repify`` ->
+        ``fuse_all`` gives back the original state_dict keys. A bias a BatchNorm has really learnt is kept:
+        dropping it would change the function.
+        """
+        if self.bias:
+            return True
+        with torch.no_grad():
+            return bool(self.fused_kernel()[1].ne(0).any())
 
     def fuse(self) -> nn.Module:
-        """A plain ``nn.Conv2d`` equal to this block in eval mode (the block itself is untouched)."""
+        """A plain ``nn.Conv2d`` equal to this block in eval mode (the block itself is untouched).
+
+        BatchNorm is folded with its running statistics: a :class:`FuseModeWarning` is raised when a block
+        with BatchNorm is fused in training mode (call ``.eval()`` first to silence it).
+        """
+        if self.training and self.has_batchnorm():
+            warnings.warn(
+                f"{type(self).__name__}.fuse(): fusing BatchNorm branches in training mode; the fused conv uses the "
+                "BN running statistics, i.e. it equals the block in eval mode (call .eval() first to silence this)",
+                FuseModeWarning, stacklevel=2,
+            )
         with torch.no_grad():
             w, b = self.fused_kernel()
+        has_bias = self.bias or bool(b.ne(0).any())
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, bias=self.fused_has_bias, padding_mode=self.padding_mode,
+            self.dilation, self.groups, bias=has_bias, padding_mode=self.padding_mode,
             device=w.device, dtype=w.dtype,
         )
         with torch.no_grad():
@@ -258,11 +382,16 @@ class RepBlock(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options: Any) -> "RepBlock":
-        """A block of this type that computes exactly ``conv`` (same dtype and device)."""
+        """A block of this type that computes exactly ``conv`` (same dtype and device).
+
+        The block has biases exactly when ``conv`` has one (``bias=conv.bias is not None``), so it fuses
+        back to ``conv``'s state_dict keys (see :attr:`fused_has_bias`).
+        """
         cls.check_convertible(conv)
         block = cls(
             conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size[0], stride=conv.stride[0],
-            dilation=conv.dilation[0], groups=conv.groups, bias=True, padding_mode=conv.padding_mode, **options,
+            dilation=conv.dilation[0], groups=conv.groups, bias=conv.bias is not None,
+            padding_mode=conv.padding_mode, **options,
         )
         block = block.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():

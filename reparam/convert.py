@@ -4,11 +4,11 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from torch import nn
 
-from .base import RepBlock
+from .base import FuseModeWarning, RepBlock
 
 __all__ = ["BLOCKS", "get_block", "fuse_all", "set_mode", "repify", "rep_blocks", "name_selector", "Selector"]
 
@@ -33,56 +33,86 @@ def get_block(block: str | type[RepBlock]) -> type[RepBlock]:
     raise TypeError(f"block must be a RepBlock subclass or a name, got {type(block).__name__}")
 
 
-def rep_blocks(model: nn.Module) -> Iterable[tuple[str, RepBlock]]:
-    """The outermost RepBlocks of ``model`` with their dotted names."""
-    def walk(m: nn.Module, prefix: str):
-        for name, child in m.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, RepBlock):
-                yield full, child
-            else:
-                yield from walk(child, full)
+def _sites(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """Every place a submodule sits in ``model``: ``(dotted name, parent, attribute, child)``.
+
+    Unlike ``named_modules`` this keeps repeats: a module registered at two places (``Sequential(b, act, b)``,
+    or one conv assigned to two attributes) is yielded at each of them. It does not descend into
+    RepBlocks (their internals are the block's business).
+    """
+    for attr, child in model._modules.items():
+        if child is None:
+            continue
+        name = f"{prefix}.{attr}" if prefix else attr
+        yield name, model, attr, child
+        if not isinstance(child, RepBlock):
+            yield from _sites(child, name)
+
+
+def rep_blocks(model: nn.Module, remove_duplicate: bool = True) -> Iterable[tuple[str, RepBlock]]:
+    """The outermost RepBlocks of ``model`` with their dotted names.
+
+    A block registered at several places is listed once (at its first name) unless ``remove_duplicate=False``.
+    """
     if isinstance(model, RepBlock):
         yield "", model
-    else:
-        yield from walk(model, "")
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)  # works for Sequential/ModuleList/ModuleDict children too
+        return
+    seen: set[int] = set()
+    for name, _, _, child in _sites(model):
+        if isinstance(child, RepBlock):
+            if remove_duplicate and id(child) in seen:
+                continue
+            seen.add(id(child))
+            yield name, child
 
 
 def fuse_all(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` with every RepBlock replaced by its ``fuse()`` (plain convs).
 
-    Returns a new model unless ``inplace=True``; idempotent (a fused model has no RepBlocks left).
-    Fusion folds BatchNorm with its running statistics, i.e. it equals the *eval-mode* block: a warning
-    is raised when BN blocks are fused while the model is in training mode.
+    Returns a new model unless ``inplace=True``; idempotent (a fused model has no RepBlocks left). A block
+    registered at several places (weight sharing) is fused once and the one fused conv is put at every
+    place, so the result shares it just as the model shared the block. Fusion folds BatchNorm with its
+    running statistics, i.e. it equals the *eval-mode* block: one :class:`~reparam.base.FuseModeWarning`
+    is raised when BN blocks in training mode are fused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    blocks = list(rep_blocks(model))
-    if model.training and any(b.has_batchnorm() for _, b in blocks):
-        warnings.warn(
-            "fuse_all: fusing BatchNorm blocks while the model is in training mode; the fused convs use the BN "
-            "running statistics, i.e. they equal the model in eval mode (call model.eval() first to silence this)",
-            stacklevel=2,
-        )
     if isinstance(model, RepBlock):
         return model.fuse()
     out = model if inplace else copy.deepcopy(model)
-    for name, _ in blocks:
-        _replace(out, name, out.get_submodule(name).fuse())
+    sites = [(parent, attr, child) for _, parent, attr, child in _sites(out) if isinstance(child, RepBlock)]
+    if any(b.training and b.has_batchnorm() for _, _, b in sites):
+        warnings.warn(
+            "fuse_all: fusing BatchNorm blocks while the model is in training mode; the fused convs use the BN "
+            "running statistics, i.e. they equal the model in eval mode (call model.eval() first to silence this)",
+            FuseModeWarning, stacklevel=2,
+        )
+    fused: dict[int, nn.Module] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuseModeWarning)  # warned once above
+        for parent, attr, block in sites:
+            if id(block) not in fused:
+                fused[id(block)] = block.fuse()
+            setattr(parent, attr, fused[id(block)])  # works for Sequential/ModuleList/ModuleDict children too
     return out
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Set ``mode`` (``"branches"`` or ``"online"``) on every RepBlock of ``model`` (in place); returns it."""
-    for m in model.modules():
-        if isinstance(m, RepBlock):
-            m.set_mode(mode)
+    """Set ``mode`` (``"branches"`` or ``"online"``) on every RepBlock of ``model`` (in place); returns it.
+
+    Every block is checked first: if one cannot take ``mode`` (e.g. ``"online"`` with BatchNorm), a
+    ``ValueError`` naming it is raised and no block is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, RepBlock)]
+    for name, m in blocks:
+        try:
+            m.check_mode(mode)
+        except ValueError as err:
+            raise ValueError(f"{name or type(m).__name__}: {err} (no block was changed)") from None
+    for _, m in blocks:
+        m.set_mode(mode)
     return model
 
 
@@ -114,19 +144,28 @@ def repify(
     :func:`fuse_all`. ``include`` selects convs by dotted name (fnmatch patterns) or a callable; convs
     the block cannot represent are left alone when ``include`` is None, and raise ``ValueError``
     (naming the layer) when ``include`` named them explicitly. ``options`` go to the block constructor.
+    A conv registered at several places (weight sharing) becomes one block registered at all of them
+    (it is selected when any of its names is); RepBlocks already in ``model`` are left as they are.
     Returns a new model unless ``inplace=True``.
     """
     cls = get_block(block)
     select = name_selector(include, "include")
     explicit = include is not None
     out = model if inplace else copy.deepcopy(model)
-    targets = [(n, m) for n, m in out.named_modules() if type(m) is nn.Conv2d and n and select(n, m)]
-    for name, conv in targets:
+    places: dict[int, tuple[nn.Conv2d, list[tuple[str, nn.Module, str]]]] = {}
+    for name, parent, attr, child in _sites(out):
+        if type(child) is nn.Conv2d:
+            places.setdefault(id(child), (child, []))[1].append((name, parent, attr))
+    for conv, where in places.values():
+        names = [n for n, _, _ in where]
+        if not any(select(n, conv) for n in names):
+            continue
         try:
             new = cls.from_conv(conv, **options)
         except (ValueError, TypeError) as err:
             if explicit:
-                raise ValueError(f"include: layer {name!r} cannot become {cls.__name__}: {err}") from err
+                raise ValueError(f"include: layer {names[0]!r} cannot become {cls.__name__}: {err}") from err
             continue
-        _replace(out, name, new)
+        for _, parent, attr in where:  # a conv used at several places becomes one block used there
+            setattr(parent, attr, new)
     return out

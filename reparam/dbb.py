@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels as K
-from ._common import check_bool, load_exact, silence
-from .base import ConvBN, RepBlock, bn_kernel, check_int
+from ._common import check_bool
+from .base import Branch, ConvBN, RepBlock, bn_kernel, check_int
 
 
 class DBB(RepBlock):
@@ -23,8 +23,17 @@ class DBB(RepBlock):
         internal_channels: width of the 1x1 -> k x k branch; default ``in_channels`` (``2 * in_channels``
             when ``groups == out_channels``, as in the reference). Must be a multiple of ``groups``.
 
-    Deviation from the reference: for depthwise blocks the reference drops the 1x1 branch and the 1x1 in
-    front of the average; here both are kept (a depthwise 1x1 is a learnable per-channel scale).
+    Deviations from the reference:
+
+    * for depthwise blocks the reference drops the 1x1 branch and the 1x1 in front of the average; here
+      both are kept (a depthwise 1x1 is a learnable per-channel scale);
+    * in **training mode** the border of a 1x1-BN output that feeds a k x k operator is filled with the
+      BN's response to a zero pixel computed with the *batch* statistics (the ones the interior is
+      normalised with, gradients flowing through them); the reference fills it with the *running*
+      statistics and detached gamma/beta. Ours makes the training-mode forward exactly "zero-pad the
+      input, then run each branch", consistent between border and interior, so the gradient of the border
+      is the true one. In eval mode both use the running statistics and equal the fused conv; the
+      difference is confined to the ``padding`` border pixels of training-mode forwards.
     """
 
     name = "dbb"
@@ -77,11 +86,10 @@ class DBB(RepBlock):
         seq = K.merge_sequential(self.seq_1x1.kernel(), self.seq_kxk.kernel(), g, g, g)
         return K.merge_parallel([self.conv_kxk.kernel(), self.conv_1x1.kernel(), avg, seq], size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        load_exact(self.conv_kxk, weight, bias)
-        silence(self.conv_1x1)
-        silence(self.avg_bn if self.avg_bn is not None else self.avg_1x1)
-        silence(self.seq_kxk)
+    def branches(self) -> list[Branch]:
+        avg_tail = () if self.avg_bn is None else (self.avg_bn,)
+        return [Branch("kxk", (self.conv_kxk,), main=True), Branch("1x1", (self.conv_1x1,)),
+                Branch("avg", (self.avg_1x1, *avg_tail)), Branch("seq", (self.seq_1x1, self.seq_kxk))]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn={self.use_bn}, internal_channels={self.internal_channels}"

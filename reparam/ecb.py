@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels as K
-from .base import ConvBN, RepBlock
+from ._common import resolve_identity
+from .base import Branch, ChannelVector, ConvBN, RepBlock
 
 EDGE_MASKS = {"sobel_x": K.SOBEL_X, "sobel_y": K.SOBEL_Y, "laplacian": K.LAPLACIAN}
 
@@ -17,6 +18,14 @@ class ECB(RepBlock):
     The edge branches are fixed masks with learnable per-channel scale and bias, applied depthwise after
     a 1x1 conv. Every 1x1 output is padded as the fused conv pads its input (bias-padding for
     ``zeros``), so fusion is exact at the borders. No BatchNorm: ``mode="online"`` is available.
+
+    Options:
+        depth_multiplier: the 1x1 -> k x k branch is ``int(out_channels * depth_multiplier)`` wide, as in
+            ECBSR's own code (so its checkpoints load), rounded down to a multiple of ``groups`` (at least
+            ``groups``).
+        use_identity: ``False`` (default, ECBSR's ``with_idt=False``) leaves the identity out; ``None``
+            adds it whenever it exists (``in == out``, stride 1); ``True`` requires it.
+        edges: subset of ``("sobel_x", "sobel_y", "laplacian")`` (non-empty edges need ``kernel_size >= 3``).
     """
 
     name = "ecb"
@@ -33,7 +42,7 @@ class ECB(RepBlock):
         padding_mode: str = "zeros",
         padding: int | None = None,
         depth_multiplier: float = 2.0,
-        with_idt: bool = False,
+        use_identity: bool | None = False,
         edges: tuple[str, ...] = ("sobel_x", "sobel_y", "laplacian"),
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, dilation, groups, bias, padding_mode, padding)
@@ -43,12 +52,11 @@ class ECB(RepBlock):
             raise ValueError(f"edges: unknown masks {unknown}; choose from {sorted(EDGE_MASKS)}")
         if edges and kernel_size < 3:
             raise ValueError(f"kernel_size={kernel_size}: Sobel/Laplacian edges need kernel_size >= 3 (or edges=())")
-        if with_idt and (in_channels != out_channels or stride != 1):
-            raise ValueError("with_idt=True needs in_channels == out_channels and stride == 1")
-        if not isinstance(depth_multiplier, (int, float)) or depth_multiplier <= 0:
+        self.use_identity = resolve_identity("use_identity", use_identity, in_channels, out_channels, stride)
+        if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, (int, float)) or depth_multiplier <= 0:
             raise ValueError(f"depth_multiplier must be a positive number, got {depth_multiplier!r}")
-        mid = max(groups, int(round(out_channels * depth_multiplier / groups)) * groups)
-        self.with_idt = with_idt
+        self.depth_multiplier = depth_multiplier
+        mid = max(groups, int(out_channels * depth_multiplier) // groups * groups)
         self.edges = edges
         k, s, d, g = kernel_size, stride, dilation, groups
         self.conv_kxk = ConvBN(in_channels, out_channels, k, s, d, g, bias)
@@ -74,7 +82,7 @@ class ECB(RepBlock):
             w, b = self._edge_kernel(e)
             t = self.edge_1x1[e].forward_padded(x, p, pm)
             y = y + F.conv2d(t, w, b, self.stride, 0, self.dilation, self.out_channels)
-        if self.with_idt:
+        if self.use_identity:
             y = y + x
         return y
 
@@ -83,22 +91,20 @@ class ECB(RepBlock):
         ks = [self.conv_kxk.kernel(), K.merge_sequential(self.expand.kernel(), self.expand_kxk.kernel(), g, g, g)]
         for e in self.edges:
             ks.append(K.merge_sequential(self.edge_1x1[e].kernel(), self._edge_kernel(e), g, self.out_channels, g))
-        if self.with_idt:
-            ks.append(K.identity_kernel(self.out_channels, g, self.kernel_size, like=ks[0][0]))
+        if self.use_identity:
+            ks.append(self.identity_kernel())
         return K.merge_parallel(ks)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        bias = K.bias_or_zeros(weight, bias)
-        if self.with_idt:
-            weight = weight - K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=weight)[0]
-        if not self.bias and bool((bias != 0).any()):
-            raise ValueError("bias: a block built with bias=False cannot carry a conv with a non-zero bias")
-        self.conv_kxk.conv.weight.copy_(weight)
-        self.expand_kxk.conv.weight.zero_()
+    def branches(self) -> list[Branch]:
+        out = [Branch("kxk", (self.conv_kxk,), main=True), Branch("expand", (self.expand, self.expand_kxk))]
         for e in self.edges:
-            self.edge_scale[e].zero_()
-        if self.bias:
-            self.conv_kxk.conv.bias.copy_(bias)
-            self.expand_kxk.conv.bias.zero_()
-            for e in self.edges:
-                self.edge_bias[e].zero_()
+            tail = [ChannelVector(self.edge_scale, e, 1.0)]
+            if self.bias:
+                tail.append(ChannelVector(self.edge_bias, e, 0.0))
+            out.append(Branch(f"edge_{e}", (self.edge_1x1[e], *tail)))
+        if self.use_identity:
+            out.append(Branch("identity", ()))
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_identity={self.use_identity}, edges={self.edges}"

@@ -4,8 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import kernels as K
-from ._common import load_exact, resolve_identity, silence
-from .base import ConvBN
+from .base import Branch, ConvBN
 from .ecb import ECB
 
 
@@ -17,8 +16,9 @@ class EDBB(ECB):
     border handling and fusion are shared. No BatchNorm, as in EFDN: ``mode="online"`` is available.
 
     Options:
-        depth_multiplier: width of the 1x1 -> k x k branch relative to ``out_channels`` (default 2).
-        with_idt: ``None`` (default) adds the identity whenever it exists (``in == out``, stride 1);
+        depth_multiplier: width of the 1x1 -> k x k branch relative to ``out_channels`` (default 2;
+            ``int(out_channels * depth_multiplier)`` as in EFDN's code).
+        use_identity: ``None`` (default) adds the identity whenever it exists (``in == out``, stride 1);
             ``True`` requires it; ``False`` leaves it out.
         edges: subset of ``("sobel_x", "sobel_y", "laplacian")`` (non-empty edges need ``kernel_size >= 3``).
     """
@@ -37,12 +37,11 @@ class EDBB(ECB):
         padding_mode: str = "zeros",
         padding: int | None = None,
         depth_multiplier: float = 2.0,
-        with_idt: bool | None = None,
+        use_identity: bool | None = None,
         edges: tuple[str, ...] = ("sobel_x", "sobel_y", "laplacian"),
     ) -> None:
-        with_idt = resolve_identity("with_idt", with_idt, in_channels, out_channels, stride)
         super().__init__(in_channels, out_channels, kernel_size, stride, dilation, groups, bias, padding_mode, padding,
-                         depth_multiplier=depth_multiplier, with_idt=with_idt, edges=edges)
+                         depth_multiplier=depth_multiplier, use_identity=use_identity, edges=edges)
         self.conv_1x1 = ConvBN(in_channels, out_channels, 1, stride, 1, groups, bias)
 
     def forward_branches(self, x: Tensor) -> Tensor:
@@ -51,17 +50,5 @@ class EDBB(ECB):
     def fused_kernel(self) -> K.Kernel:
         return K.merge_parallel([super().fused_kernel(), self.conv_1x1.kernel()], size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        """Target (minus the fixed identity) in the k x k branch; every other branch outputs zero."""
-        if self.with_idt:
-            weight = weight - K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=weight)[0]
-        load_exact(self.conv_kxk, weight, bias)
-        silence(self.expand_kxk)
-        silence(self.conv_1x1)
-        for e in self.edges:
-            self.edge_scale[e].zero_()
-            if self.bias:
-                self.edge_bias[e].zero_()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", with_idt={self.with_idt}, edges={self.edges}"
+    def branches(self) -> list[Branch]:
+        return [*super().branches(), Branch("1x1", (self.conv_1x1,))]

@@ -28,6 +28,7 @@ __all__ = [
     "merge_parallel",
     "scale_channels",
     "identity_kernel",
+    "subtract_identity",
     "avg_kernel",
     "mask_kernel",
     "SOBEL_X",
@@ -177,6 +178,13 @@ def identity_kernel(channels: int, groups: int, size: int | tuple[int, int], lik
     idx = torch.arange(channels, device=like.device)
     w[idx, idx % cin_g, kh // 2, kw // 2] = 1
     return w, like.new_zeros(channels)
+
+
+def subtract_identity(weight: Tensor, groups: int, times: int = 1) -> Tensor:
+    """``weight`` minus ``times`` identity kernels of its own shape and grouping: the part of a target kernel
+    left for the learnable branches of a block whose identity path(s) are fixed."""
+    idt, _ = identity_kernel(weight.shape[0], groups, tuple(weight.shape[-2:]), like=weight)
+    return weight - times * idt
 
 
 def avg_kernel(channels: int, groups: int, size: int, like: Tensor) -> Kernel:

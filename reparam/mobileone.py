@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import kernels as K
-from ._common import check_bool, load_exact, resolve_identity, silence
-from .base import ConvBN, RepBlock, bn_kernel, check_int
+from ._common import check_bool, resolve_identity
+from .base import Branch, ConvBN, RepBlock, check_int
 
 
 class MobileOneBlock(RepBlock):
@@ -65,21 +65,16 @@ class MobileOneBlock(RepBlock):
         if self.conv_scale is not None:
             ks.append(self.conv_scale.kernel())
         if self.identity is not None:
-            idt = K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=ks[0][0])
-            ks.append(bn_kernel(idt, self.identity if self.use_bn else None))
+            ks.append(self.identity_kernel(self.identity if self.use_bn else None))
         return K.merge_parallel(ks, size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        if self.identity is not None:
-            if self.use_bn:
-                silence(self.identity)
-            else:
-                weight = weight - K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=weight)[0]
-        load_exact(self.conv_kxk[0], weight, bias)
-        for branch in list(self.conv_kxk)[1:]:
-            silence(branch)
+    def branches(self) -> list[Branch]:
+        out = [Branch(f"kxk_{i}", (b,), main=i == 0) for i, b in enumerate(self.conv_kxk)]
         if self.conv_scale is not None:
-            silence(self.conv_scale)
+            out.append(Branch("scale", (self.conv_scale,)))
+        if self.identity is not None:
+            out.append(Branch("identity", (self.identity,) if self.use_bn else ()))
+        return out
 
     def extra_repr(self) -> str:
         return (super().extra_repr()

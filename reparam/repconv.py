@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels as K
-from ._common import load_exact, silence
-from .base import ConvBN, RepBlock, check_int
+from .base import Branch, ChannelVector, ConvBN, RepBlock, check_int
 
 #: Initial value of each branch's per-output-channel scale.
 INITIAL_SCALES = {"kxk": 1.0, "1x1": 0.5, "seq": 0.5, "avg": 0.5}
@@ -85,12 +84,12 @@ class RepConv(RepBlock):
         }
         return K.merge_parallel([K.scale_channels(k, self.scales[b]) for b, k in ks.items()], size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        """Target in the k x k branch (scale 1); the other branches' last convs are zeroed, their scales kept."""
-        self.scales["kxk"].fill_(1.0)
-        load_exact(self.conv_kxk, weight, bias)
-        for unit in (self.conv_1x1, self.seq_kxk, self.avg_1x1):
-            silence(unit)
+    def branches(self) -> list[Branch]:
+        sc = self.scales
+        return [Branch("kxk", (self.conv_kxk, ChannelVector(sc, "kxk", 1.0)), main=True),
+                Branch("1x1", (self.conv_1x1, ChannelVector(sc, "1x1", 1.0))),
+                Branch("seq", (self.seq_1x1, self.seq_kxk, ChannelVector(sc, "seq", 1.0))),
+                Branch("avg", (self.avg_1x1, ChannelVector(sc, "avg", 1.0)))]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", internal_channels={self.internal_channels}"

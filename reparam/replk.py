@@ -7,8 +7,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import kernels as K
-from ._common import check_bool, crop, load_exact, silence
-from .base import ConvBN, RepBlock, check_int
+from ._common import check_bool, crop
+from .base import Branch, ConvBN, RepBlock, check_int
 
 
 def default_small_kernel(kernel_size: int) -> int:
@@ -66,9 +66,8 @@ class RepLKConv(RepBlock):
     def fused_kernel(self) -> K.Kernel:
         return K.merge_parallel([self.large.kernel(), self.small.kernel()], size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
-        load_exact(self.large, weight, bias)
-        silence(self.small)
+    def branches(self) -> list[Branch]:
+        return [Branch("large", (self.large,), main=True), Branch("small", (self.small,))]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", small_kernel={self.small_kernel}, bn={self.use_bn}"

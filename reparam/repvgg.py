@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import kernels as K
-from ._common import check_bool, load_exact, resolve_identity, silence
-from .base import ConvBN, RepBlock, bn_kernel
+from ._common import check_bool, resolve_identity
+from .base import Branch, ConvBN, RepBlock
 
 
 class RepVGGBlock(RepBlock):
@@ -56,18 +56,14 @@ class RepVGGBlock(RepBlock):
     def fused_kernel(self) -> K.Kernel:
         ks = [self.conv_kxk.kernel(), self.conv_1x1.kernel()]
         if self.identity is not None:
-            idt = K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=ks[0][0])
-            ks.append(bn_kernel(idt, self.identity if self.use_bn else None))
+            ks.append(self.identity_kernel(self.identity if self.use_bn else None))
         return K.merge_parallel(ks, size=self.kernel_size)
 
-    def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
+    def branches(self) -> list[Branch]:
+        out = [Branch("kxk", (self.conv_kxk,), main=True), Branch("1x1", (self.conv_1x1,))]
         if self.identity is not None:
-            if self.use_bn:
-                silence(self.identity)
-            else:  # the fixed identity stays: the k x k branch carries the rest
-                weight = weight - K.identity_kernel(self.out_channels, self.groups, self.kernel_size, like=weight)[0]
-        load_exact(self.conv_kxk, weight, bias)
-        silence(self.conv_1x1)
+            out.append(Branch("identity", (self.identity,) if self.use_bn else ()))
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn={self.use_bn}, use_identity={self.use_identity}"

@@ -65,15 +65,17 @@ class RRRB(RepBlock):
         inner = K.merge_parallel([fea, K.identity_kernel(c * self.ratio, g, k, like=fea[0])])
         w = K.merge_sequential(self.expand.kernel(), inner, g, g, g)
         w = K.merge_sequential(w, self.reduce.kernel(), g, g, g)
-        return K.merge_parallel([w, K.identity_kernel(c, g, k, like=fea[0])])
+        return K.merge_parallel([w, self.identity_kernel()])
 
     def load_kernel(self, weight: Tensor, bias: Tensor | None) -> None:
         """Expand/reduce embed the C channels into rC; ``fea`` carries ``weight - 2 I`` (two residuals)."""
-        g, k, c, rc = self.groups, self.kernel_size, self.in_channels, self.in_channels * self.ratio
+        g, c, rc = self.groups, self.in_channels, self.in_channels * self.ratio
+        if not self.bias and bias is not None and bool(bias.ne(0).any()):
+            raise ValueError("bias: the block was built with bias=False, cannot load a non-zero bias")
         emb = _group_embedding(c, rc, g, weight)  # (rC, C)
         self.expand.conv.weight.copy_(K.to_grouped(emb[:, :, None, None], g))
         self.reduce.conv.weight.copy_(K.to_grouped(emb.t()[:, :, None, None], g))
-        target = K.to_dense(weight, g) - 2 * K.to_dense(K.identity_kernel(c, g, k, like=weight)[0], g)
+        target = K.to_dense(K.subtract_identity(weight, g, times=2), g)
         fea = torch.einsum("pc,cdhw,qd->pqhw", emb, target, emb)
         self.fea.conv.weight.copy_(K.to_grouped(fea, g))
         if self.bias:

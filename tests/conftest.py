@@ -8,16 +8,30 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# Deterministic, bounded property tests. CI uses the same profile as a developer run.
+# Hypothesis profiles. The strategies draw shapes and values themselves; the profile only decides how
+# many examples and whether the run is reproducible.
+# * "effsr" (default, CI and developer runs): deterministic (derandomize=True: the same examples on every
+#   run and machine) and bounded.
+# * "thorough": `pytest --hypothesis-profile=thorough`: random (a fresh search every run, failures are
+#   stored in .hypothesis/ and replayed), 10x the examples. Use it before merging changes to reparam.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
     "effsr",
     max_examples=int(os.environ.get("EFFSR_HYPOTHESIS_EXAMPLES", "30")),
     deadline=None,
     derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=_HEALTH,
     print_blob=True,
 )
-settings.load_profile("effsr")
+settings.register_profile(
+    "thorough",
+    max_examples=int(os.environ.get("EFFSR_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+)
+settings.load_profile("effsr")  # hypothesis' own --hypothesis-profile option overrides this
 
 # One intra-op thread per test process: the suite runs as 2 xdist workers on 2 cores, and oversubscribed
 # BLAS threads were measured 50-100x slower on this class of machine.

@@ -150,7 +150,7 @@ def test_esa_tiny_inputs_pool_globally() -> None:
 
 # --------------------------------------------------------------------------- conv= blocks and fusion
 @pytest.mark.parametrize("name,conv", [(n, c) for n in NAMES for c in ("ecb", "rrrb")]
-                         + [("rlfn", {"block": "ecb", "depth_multiplier": 1.0, "with_idt": False})])
+                         + [("rlfn", {"block": "ecb", "depth_multiplier": 1.0, "use_identity": False})])
 def test_fused_block_form_loads_into_plain_form(name: str, conv) -> None:
     torch.manual_seed(0)
     cfg = SMALL[name]

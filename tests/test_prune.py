@@ -358,7 +358,7 @@ class _RepNet(nn.Module):
         super().__init__()
         self.head = reparam.ECB(3, 12)
         self.a = reparam.RRRB(12, 12)
-        self.b = reparam.ECB(12, 12, with_idt=True)
+        self.b = reparam.ECB(12, 12, use_identity=True)
         self.c = reparam.ERB(12, 12)
         self.d = reparam.ECB(12, 6)
         self.fuse = nn.Conv2d(18, 12, 1)

@@ -11,12 +11,11 @@ import reparam
 
 def make_net() -> nn.Module:
     torch.manual_seed(0)
-    blocks = [reparam.ECB(3, 8, with_idt=False), nn.LeakyReLU(0.05), reparam.RRRB(8, 8), nn.LeakyReLU(0.05),
+    blocks = [reparam.ECB(3, 8, use_identity=False), nn.LeakyReLU(0.05), reparam.RRRB(8, 8), nn.LeakyReLU(0.05),
               reparam.ECB(8, 8, padding_mode="reflect", dilation=2), reparam.ERB(8, 8), nn.Conv2d(8, 12, 3, padding=1),
               nn.PixelShuffle(2)]
-    for extra in ("dbb", "repconv", "acb"):
-        if extra in reparam.BLOCKS:
-            blocks.insert(-2, reparam.get_block(extra)(8, 8))
+    for extra in ("dbb", "repconv", "acb"):  # a block missing from the registry fails here
+        blocks.insert(-2, reparam.get_block(extra)(8, 8))
     return nn.Sequential(*blocks).eval()
 
 

@@ -1,94 +1,28 @@
-"""Block-specific properties of DBB, RepConv, ACB, RepVGGBlock, MobileOneBlock, RepLKConv and EDBB.
+"""Block-specific properties: independent reference forwards written with plain ``F.conv2d`` /
+``F.avg_pool2d`` (zeros padding), the edge cases of each block's options, and every invalid configuration.
 
-Fused vs. unfused (eval, random BN statistics), online vs. branches (outputs and gradients),
-``from_conv`` exactness, independent reference forwards written with plain ``F.conv2d`` /
-``F.avg_pool2d`` (zeros padding), and every invalid configuration.
+The generic contract (fused == branches in float64/float32, online == branches, ``from_conv``) is checked
+for every block by the one generator in ``test_reparam_contract.py``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 
 import reparam
-from reparam import ACB, DBB, EDBB, MobileOneBlock, RepConv, RepLKConv, RepVGGBlock
-from reparam.base import PADDING_MODES
+from reparam import ACB, DBB, ECB, EDBB, MobileOneBlock, RepConv, RepLKConv, RepVGGBlock
 
 NAMES = ["dbb", "repconv", "acb", "repvgg", "mobileone", "replk", "edbb"]
 BN_BLOCKS = {"dbb", "acb", "repvgg", "mobileone", "replk"}
-
-
-# ---------------------------------------------------------------------------------------------- configs
-@dataclass
-class Config:
-    name: str
-    cin: int
-    cout: int
-    k: int
-    stride: int
-    dilation: int
-    groups: int
-    bias: bool
-    padding_mode: str
-    options: dict[str, Any]
-    hw: tuple[int, int]
-    seed: int
-
-    def build(self, dtype: torch.dtype = torch.float64) -> reparam.RepBlock:
-        cls = reparam.get_block(self.name)
-        block = cls(self.cin, self.cout, self.k, self.stride, self.dilation, self.groups, self.bias,
-                    self.padding_mode, **self.options)
-        return block.to(dtype)
-
-
-def _options(draw: Callable, name: str, k: int, bn: bool | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if name in BN_BLOCKS:
-        opts["bn"] = draw(st.booleans()) if bn is None else bn
-    if name in ("dbb", "repconv") and draw(st.booleans()):
-        opts["internal_channels"] = None  # replaced by a multiple of groups in `configs`
-    if name == "mobileone":
-        opts["num_branches"] = draw(st.integers(1, 3))
-    if name in ("repvgg", "mobileone"):
-        opts["use_identity"] = draw(st.sampled_from([None, False]))
-    if name == "replk":
-        opts["small_kernel"] = draw(st.sampled_from([s for s in (1, 3, 5) if s < k]))
-    if name == "edbb":
-        opts["with_idt"] = draw(st.sampled_from([None, False]))
-        opts["depth_multiplier"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
-        if k == 1:
-            opts["edges"] = ()
-        else:
-            opts["edges"] = draw(st.sampled_from([("sobel_x", "sobel_y", "laplacian"), ("laplacian",), ()]))
-    return opts
-
-
-@st.composite
-def configs(draw: Callable, name: str, bn: bool | None = None) -> Config:
-    """A random valid geometry for block ``name`` (``bn`` fixes the BN option when given)."""
-    kind = draw(st.sampled_from(["one", "two", "depthwise"]))
-    if kind == "depthwise":
-        groups = cin = cout = draw(st.integers(2, 4))
-    else:
-        groups = 1 if kind == "one" else 2
-        cin = groups * draw(st.integers(1, 3))
-        cout = cin if draw(st.booleans()) else groups * draw(st.integers(1, 3))
-    kernels = (3, 5, 7) if name == "replk" else (1, 3, 5)
-    k = draw(st.sampled_from(kernels))
-    dilation = draw(st.sampled_from([1, 2]))
-    pad = dilation * (k - 1) // 2
-    hw = (draw(st.integers(max(7, pad + 1), max(13, pad + 3))), draw(st.integers(max(7, pad + 1), max(13, pad + 3))))
-    options = _options(draw, name, k, bn)
-    if "internal_channels" in options:
-        options["internal_channels"] = groups * draw(st.integers(1, 3))
-    return Config(name, cin, cout, k, draw(st.sampled_from([1, 2])), dilation, groups, draw(st.booleans()),
-                  draw(st.sampled_from(PADDING_MODES)), options, hw, draw(st.integers(0, 2**31 - 1)))
 
 
 def randomize(block: nn.Module, seed: int) -> nn.Module:
@@ -104,84 +38,14 @@ def randomize(block: nn.Module, seed: int) -> nn.Module:
     return block
 
 
-def make_input(cfg: Config, dtype: torch.dtype = torch.float64, batch: int = 2) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return torch.randn(batch, cfg.cin, *cfg.hw, generator=gen, dtype=torch.float64).to(dtype)
-
-
 def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     assert a.shape == b.shape
     return (a - b).abs().max().item(), max(1.0, a.abs().max().item())
 
 
-def assert_fused_equal(cfg: Config, dtype: torch.dtype) -> None:
-    block = randomize(cfg.build(dtype), cfg.seed).eval()
-    x = make_input(cfg, dtype)
-    with torch.no_grad():
-        y = block(x)
-        fused = block.fuse()
-        y_fused = fused(x)
-    assert isinstance(fused, nn.Conv2d)
-    assert (fused.bias is not None) == block.fused_has_bias
-    assert fused.weight.dtype == dtype
-    err, scale = max_err(y, y_fused)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert err <= tol * scale, f"{cfg}: fused differs by {err} (scale {scale})"
-
-
-# --------------------------------------------------------------------------------- fused vs unfused
-@pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=15)
-@given(data=st.data())
-def test_fused_equals_branches_float64(name: str, data: st.DataObject) -> None:
-    assert_fused_equal(data.draw(configs(name)), torch.float64)
-
-
-@pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=6)
-@given(data=st.data())
-def test_fused_equals_branches_float32(name: str, data: st.DataObject) -> None:
-    assert_fused_equal(data.draw(configs(name)), torch.float32)
-
-
-# -------------------------------------------------------------------------------- online vs branches
-@pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=8)
-@given(data=st.data())
-def test_online_matches_branches_outputs_and_gradients(name: str, data: st.DataObject) -> None:
-    cfg = data.draw(configs(name, bn=False))
-    block = randomize(cfg.build(), cfg.seed).train()
-    assert not block.has_batchnorm()
-    x = make_input(cfg)
-    target = torch.randn(block(x).shape, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
-
-    def run(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        block.set_mode(mode)
-        block.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        y = block(xi)
-        (y * target).sum().backward()
-        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-        return y.detach(), grads, xi.grad
-
-    y_b, g_b, gx_b = run("branches")
-    y_o, g_o, gx_o = run("online")
-    err, scale = max_err(y_b, y_o)
-    assert err <= 1e-10 * scale
-    assert gx_b is not None and gx_o is not None
-    assert (gx_b - gx_o).abs().max() <= 1e-10 * max(1.0, gx_b.abs().max().item())
-    assert g_b.keys() == g_o.keys()
-    assert g_b, "no parameter received a gradient"
-    for n in g_b:
-        assert (g_b[n] - g_o[n]).abs().max() <= 1e-10 * max(1.0, g_b[n].abs().max().item()), n
-
-
-@pytest.mark.parametrize("name", sorted(BN_BLOCKS))
-def test_bn_blocks_refuse_online(name: str) -> None:
-    block = reparam.get_block(name)(4, 4)
-    with pytest.raises(ValueError, match="bn=False"):
-        block.set_mode("online")
-    reparam.get_block(name)(4, 4, bn=False).set_mode("online")
+def images(channels: int, h: int, w: int) -> st.SearchStrategy[torch.Tensor]:
+    """A batch of 2 float64 images whose values hypothesis draws."""
+    return arrays(np.float64, (2, channels, h, w), elements=st.floats(-3, 3, allow_nan=False)).map(torch.from_numpy)
 
 
 def test_repconv_online_runs_a_single_conv(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,31 +77,6 @@ def test_repconv_scales_are_per_branch_per_channel() -> None:
 
 
 # --------------------------------------------------------------------------------------- from_conv
-@pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=10)
-@given(data=st.data())
-def test_from_conv_is_exact(name: str, data: st.DataObject) -> None:
-    cfg = data.draw(configs(name))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    conv = nn.Conv2d(cfg.cin, cfg.cout, cfg.k, cfg.stride, cfg.dilation * (cfg.k - 1) // 2, cfg.dilation, cfg.groups,
-                     bias=cfg.bias, padding_mode=cfg.padding_mode, dtype=torch.float64).eval()
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
-        if conv.bias is not None:
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen, dtype=torch.float64))
-    before = {k: v.clone() for k, v in conv.state_dict().items()}
-    cls = reparam.get_block(name)
-    block = cls.from_conv(conv, **cfg.options)
-    assert isinstance(block, cls) and not block.training
-    assert all(torch.equal(v, conv.state_dict()[k]) for k, v in before.items()), "from_conv mutated the conv"
-    x = make_input(cfg)
-    with torch.no_grad():
-        y = conv(x)
-        for out in (block(x), block.fuse()(x)):
-            err, scale = max_err(y, out)
-            assert err <= 1e-12 * scale, f"{cfg}: from_conv off by {err}"
-
-
 def test_from_conv_bn_fold_is_bitwise_exact() -> None:
     for dtype in (torch.float32, torch.float64):
         conv = nn.Conv2d(4, 6, 3, padding=1, dtype=dtype)
@@ -245,21 +84,6 @@ def test_from_conv_bn_fold_is_bitwise_exact() -> None:
             w, b = reparam.get_block(name).from_conv(conv).eval().fused_kernel()
             assert torch.equal(w, conv.weight), name
             assert torch.equal(b, conv.bias), name
-
-
-def test_repify_with_new_blocks_keeps_function() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2, groups=8),
-                          nn.ReLU(), nn.Conv2d(8, 3, 1)).double().eval()
-    x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x)
-        for name in NAMES:
-            rep = reparam.repify(model, name)
-            blocks = [m for m in rep.modules() if isinstance(m, reparam.get_block(name))]
-            assert blocks, name
-            assert (rep(x) - y).abs().max() <= 1e-12, name
-            assert (reparam.fuse_all(rep)(x) - y).abs().max() <= 1e-12, name
 
 
 # ------------------------------------------------------------------------------ reference forwards
@@ -283,12 +107,11 @@ reference_geometry = st.tuples(
 )
 
 
-@settings(max_examples=10)
-@given(geo=reference_geometry, bn=st.booleans())
-def test_dbb_matches_reference(geo: tuple, bn: bool) -> None:
+@given(geo=reference_geometry, bn=st.booleans(), data=st.data())
+def test_dbb_matches_reference(geo: tuple, bn: bool, data: st.DataObject) -> None:
     (g, cin, cout), k, s, bias, seed = geo
     block = randomize(DBB(cin, cout, k, s, groups=g, bias=bias, bn=bn).double(), seed).eval()
-    x = torch.randn(2, cin, 9, 8, dtype=torch.float64)
+    x = data.draw(images(cin, data.draw(st.integers(5, 11)), data.draw(st.integers(5, 11))))
     p = (k - 1) // 2
     with torch.no_grad():
         avg = F.avg_pool2d(pad_with_response_to_zero(block.avg_1x1, ref_unit(block.avg_1x1, x, 0), p), k, s)
@@ -301,12 +124,11 @@ def test_dbb_matches_reference(geo: tuple, bn: bool) -> None:
         assert max_err(ref, block.fuse()(x))[0] <= 1e-10 * scale
 
 
-@settings(max_examples=10)
-@given(geo=reference_geometry, bn=st.booleans(), d=st.sampled_from([1, 2]))
-def test_acb_matches_reference(geo: tuple, bn: bool, d: int) -> None:
+@given(geo=reference_geometry, bn=st.booleans(), d=st.sampled_from([1, 2]), data=st.data())
+def test_acb_matches_reference(geo: tuple, bn: bool, d: int, data: st.DataObject) -> None:
     (g, cin, cout), k, s, bias, seed = geo
     block = randomize(ACB(cin, cout, k, s, d, g, bias, bn=bn).double(), seed).eval()
-    x = torch.randn(2, cin, 11, 10, dtype=torch.float64)
+    x = data.draw(images(cin, data.draw(st.integers(5, 13)), data.draw(st.integers(5, 13))))
     p = d * (k - 1) // 2
     with torch.no_grad():
         ref = ref_unit(block.square, x, p) + ref_unit(block.hor, x, (0, p)) + ref_unit(block.ver, x, (p, 0))
@@ -315,11 +137,10 @@ def test_acb_matches_reference(geo: tuple, bn: bool, d: int) -> None:
         assert max_err(ref, block.fuse()(x))[0] <= 1e-10 * scale
 
 
-@settings(max_examples=10)
-@given(geo=reference_geometry, bn=st.booleans(), d=st.sampled_from([1, 2]), n=st.integers(1, 3))
-def test_repvgg_and_mobileone_match_reference(geo: tuple, bn: bool, d: int, n: int) -> None:
+@given(geo=reference_geometry, bn=st.booleans(), d=st.sampled_from([1, 2]), n=st.integers(1, 3), data=st.data())
+def test_repvgg_and_mobileone_match_reference(geo: tuple, bn: bool, d: int, n: int, data: st.DataObject) -> None:
     (g, cin, cout), k, s, bias, seed = geo
-    x = torch.randn(2, cin, 9, 10, dtype=torch.float64)
+    x = data.draw(images(cin, data.draw(st.integers(5, 12)), data.draw(st.integers(5, 12))))
     p = d * (k - 1) // 2
     identity = cin == cout and s == 1
     rv = randomize(RepVGGBlock(cin, cout, k, s, d, g, bias, bn=bn).double(), seed).eval()
@@ -337,13 +158,14 @@ def test_repvgg_and_mobileone_match_reference(geo: tuple, bn: bool, d: int, n: i
             assert max_err(ref, block.fuse()(x))[0] <= 1e-10 * scale
 
 
-@settings(max_examples=10)
 @given(k=st.sampled_from([5, 7, 9]), small=st.sampled_from([1, 3]), d=st.sampled_from([1, 2]),
-       s=st.sampled_from([1, 2]), bn=st.booleans(), depthwise=st.booleans(), seed=st.integers(0, 10**6))
-def test_replk_matches_reference(k: int, small: int, d: int, s: int, bn: bool, depthwise: bool, seed: int) -> None:
+       s=st.sampled_from([1, 2]), bn=st.booleans(), depthwise=st.booleans(), seed=st.integers(0, 10**6),
+       data=st.data())
+def test_replk_matches_reference(k: int, small: int, d: int, s: int, bn: bool, depthwise: bool, seed: int,
+                                 data: st.DataObject) -> None:
     g, cin, cout = (4, 4, 4) if depthwise else (2, 4, 6)
     block = randomize(RepLKConv(cin, cout, k, s, d, g, small_kernel=small, bn=bn).double(), seed).eval()
-    x = torch.randn(2, cin, 12, 11, dtype=torch.float64)
+    x = data.draw(images(cin, data.draw(st.integers(5, 14)), data.draw(st.integers(5, 14))))
     with torch.no_grad():
         ref = ref_unit(block.large, x, d * (k - 1) // 2) + ref_unit(block.small, x, d * (small - 1) // 2)
         err, scale = max_err(ref, block(x))
@@ -362,18 +184,19 @@ def test_replk_large_kernel_depthwise_fuses() -> None:
 
 def test_edbb_branch_list_and_identity() -> None:
     block = EDBB(4, 4)
-    assert block.with_idt and block.edges == ("sobel_x", "sobel_y", "laplacian")
+    assert block.use_identity and block.edges == ("sobel_x", "sobel_y", "laplacian")
     assert isinstance(block.conv_1x1, reparam.ConvBN) and block.conv_1x1.conv.kernel_size == (1, 1)
-    assert not EDBB(4, 6).with_idt and not EDBB(4, 4, stride=2).with_idt and not EDBB(4, 4, with_idt=False).with_idt
+    assert not EDBB(4, 6).use_identity and not EDBB(4, 4, stride=2).use_identity
+    assert not EDBB(4, 4, use_identity=False).use_identity
     # the identity branch adds exactly x; the 1x1 branch adds exactly conv_1x1(x)
     torch.manual_seed(0)
     a = randomize(EDBB(4, 4, groups=2).double(), 5).eval()
-    b = EDBB(4, 4, groups=2, with_idt=False).double().eval()
+    b = EDBB(4, 4, groups=2, use_identity=False).double().eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
     with torch.no_grad():
         assert (a(x) - b(x) - x).abs().max() <= 1e-12
-        ecb = reparam.ECB(4, 4, groups=2, with_idt=False).double().eval()
+        ecb = reparam.ECB(4, 4, groups=2, use_identity=False).double().eval()
         ecb.load_state_dict({k: v for k, v in b.state_dict().items() if not k.startswith("conv_1x1.")})
         assert (b(x) - ecb(x) - b.conv_1x1(x)).abs().max() <= 1e-12
 
@@ -408,7 +231,7 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("dbb internal", lambda: DBB(4, 4, groups=2, internal_channels=3), ValueError, "internal_channels"),
     ("dbb internal type", lambda: DBB(4, 4, internal_channels=2.0), TypeError, "internal_channels"),
     ("dbb bn type", lambda: DBB(4, 4, bn=1), TypeError, "bn"),
-    ("dbb even", lambda: DBB(4, 4, 4, padding=1), ValueError, "kernel_size"),
+    ("dbb even", lambda: DBB(4, 4, 4, padding=1), ValueError, "kernel_size=4 is even"),
     ("dbb padding", lambda: DBB(4, 4, 3, padding=2), ValueError, "padding"),
     ("dbb padding mode", lambda: DBB(4, 4, padding_mode="mirror"), ValueError, "padding_mode"),
     ("repconv internal", lambda: RepConv(4, 4, groups=2, internal_channels=5), ValueError, "internal_channels"),
@@ -428,8 +251,19 @@ ERROR_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("replk small type", lambda: RepLKConv(4, 4, 7, small_kernel=3.0), TypeError, "small_kernel"),
     ("replk kernel 1", lambda: RepLKConv(4, 4, 1), ValueError, "kernel_size"),
     ("replk groups", lambda: RepLKConv(4, 6, 7, groups=4), ValueError, "groups"),
-    ("edbb identity in!=out", lambda: EDBB(4, 6, with_idt=True), ValueError, "with_idt"),
-    ("edbb identity stride", lambda: EDBB(4, 4, stride=2, with_idt=True), ValueError, "with_idt"),
+    ("edbb identity in!=out", lambda: EDBB(4, 6, use_identity=True), ValueError, "use_identity"),
+    ("edbb identity stride", lambda: EDBB(4, 4, stride=2, use_identity=True), ValueError, "use_identity"),
+    ("ecb identity in!=out", lambda: ECB(4, 8, use_identity=True), ValueError, "use_identity"),
+    ("ecb identity stride", lambda: ECB(4, 4, stride=2, use_identity=True), ValueError, "use_identity"),
+    ("ecb identity type", lambda: ECB(4, 4, use_identity="no"), TypeError, "use_identity"),
+    ("edbb identity type", lambda: EDBB(4, 4, use_identity=0), TypeError, "use_identity"),
+    ("mobileone identity type", lambda: MobileOneBlock(4, 4, use_identity="yes"), TypeError, "use_identity"),
+    ("ecb old identity name", lambda: ECB(4, 4, with_idt=True), TypeError, "use_identity"),
+    ("edbb old identity name", lambda: EDBB(4, 4, with_idt=False), TypeError, "use_identity"),
+    ("ecb sobel k=1", lambda: ECB(4, 4, 1), ValueError, "kernel_size"),
+    ("ecb multiplier bool", lambda: ECB(4, 4, depth_multiplier=True), ValueError, "depth_multiplier"),
+    ("rrrb in!=out", lambda: reparam.RRRB(4, 8), ValueError, "in_channels == out_channels"),
+    ("rrrb stride", lambda: reparam.RRRB(4, 4, stride=2), ValueError, "stride"),
     ("edbb sobel k=1", lambda: EDBB(4, 4, 1), ValueError, "kernel_size"),
     ("edbb unknown edge", lambda: EDBB(4, 4, edges=("prewitt",)), ValueError, "edges"),
     ("edbb multiplier", lambda: EDBB(4, 4, depth_multiplier=0), ValueError, "depth_multiplier"),
@@ -452,3 +286,83 @@ def test_identity_blocks_from_conv_accept_in_ne_out(name: str) -> None:
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         assert (block(x) - conv(x)).abs().max() <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+@pytest.mark.parametrize("out,dm,mid", [(25, 1.5, 37), (50, 2.0, 100), (16, 0.9, 14), (10, 1.25, 12)])
+def test_ecb_hidden_width_is_int_of_out_times_multiplier_as_in_ecbsr(out: int, dm: float, mid: int) -> None:
+    """ECBSR's own code uses ``int(out_planes * depth_multiplier)``: the same width, so its checkpoints load."""
+    for cls in (ECB, EDBB):
+        block = cls(out, out, depth_multiplier=dm)
+        assert block.expand.conv.out_channels == mid and block.expand_kxk.conv.in_channels == mid
+    assert ECB(12, 12, groups=4, depth_multiplier=1.5).expand.conv.out_channels == 16  # 18 -> multiple of 4
+
+
+def test_identity_option_has_one_name_and_one_meaning() -> None:
+    for cls in (ECB, EDBB, RepVGGBlock, MobileOneBlock):
+        assert cls(4, 4, use_identity=None).use_identity            # None: whenever it exists
+        assert not cls(4, 6, use_identity=None).use_identity
+        assert not cls(4, 4, stride=2, use_identity=None).use_identity
+        assert cls(4, 4, use_identity=True).use_identity
+        assert not cls(4, 4, use_identity=False).use_identity
+        with pytest.raises(ValueError, match="use_identity"):
+            cls(4, 6, use_identity=True)
+        with pytest.raises(TypeError, match="use_identity"):
+            cls(4, 4, use_identity=1)
+        with pytest.raises(TypeError, match="with_idt.*use_identity"):
+            cls(4, 4, with_idt=True)
+    assert not ECB(4, 4).use_identity                              # ECBSR's default: no identity
+    assert EDBB(4, 4).use_identity and RepVGGBlock(4, 4).use_identity and MobileOneBlock(4, 4).use_identity
+
+
+def test_dbb_training_mode_border_uses_batch_statistics() -> None:
+    """Documented deviation: in training mode the 1x1-BN border is the BN's response to a zero pixel with the
+    batch statistics (those the interior is normalised with); in eval mode, with the running statistics."""
+    torch.manual_seed(0)
+    block = randomize(DBB(3, 4, 3, bias=True).double(), 2).train()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    unit = block.seq_1x1
+    t = unit.conv(x)
+    var, mean = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)
+    bn = unit.bn
+    inv = bn.weight / torch.sqrt(var + bn.eps)
+    assert unit.conv.bias is None  # conv-BN: a zero pixel gives a zero conv output
+    border_batch = (0 - mean) * inv + bn.bias
+    padded = unit.forward_padded(x, 1, "zeros")
+    assert torch.allclose(padded[:, :, 0, 0], border_batch.expand(2, -1), atol=1e-12)
+    inv_run = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    border_running = (0 - bn.running_mean) * inv_run + bn.bias
+    assert not torch.allclose(border_batch, border_running)
+    block.eval()
+    padded = unit.forward_padded(x, 1, "zeros")
+    assert torch.allclose(padded[:, :, 0, 0], border_running.expand(2, -1), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(set(reparam.BLOCKS) - {"erb"}))
+def test_load_kernel_switches_every_other_branch_off(name: str) -> None:
+    """``load_kernel`` (derived from the branch declaration): the block equals the conv, exactly, and every
+    non-main branch outputs zero."""
+    cls = reparam.get_block(name)
+    kw = {"kernel_size": 5} if name == "replk" else {}
+    block = randomize(cls(4, 4, **kw).double(), 4).eval()
+    w = torch.randn(4, 4, block.kernel_size, block.kernel_size, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    with torch.no_grad():
+        block.load_kernel(w, b)
+        fw, fb = block.fused_kernel()
+    assert torch.allclose(fw, w, atol=1e-12) and torch.allclose(fb, b, atol=1e-12)
+    if name == "rrrb":
+        return
+    from reparam.base import ChannelVector
+    for br in block.branches():
+        if br.main or not br.units:
+            continue
+        for u in br.tail:
+            if isinstance(u, ChannelVector) and u.neutral == 0.0:
+                assert not u.param.any()
+
+
+def test_rrrb_bias_free_rejects_a_bias() -> None:
+    block = reparam.RRRB(4, 4, bias=False).double()
+    with pytest.raises(ValueError, match="bias"), torch.no_grad():
+        block.load_kernel(torch.randn(4, 4, 3, 3, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
