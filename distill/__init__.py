@@ -14,6 +14,7 @@ from .losses import (
     CharbonnierLoss, FFTLoss, L1Loss, L2Loss, WaveletLoss, charbonnier_loss, fft_loss, get_loss, haar_dwt, l1_loss,
     l2_loss, wavelet_loss,
 )
+from .ranges import input_range
 from .supervised import Supervised
 from .train import TrainResult, load_checkpoint, save_checkpoint, train_steps
 
@@ -21,5 +22,5 @@ __all__ = [
     "ddp", "losses", "ADAPTERS", "Distiller", "make_adapter", "FeatureHooks", "resolve_module", "Supervised",
     "TrainResult", "train_steps", "save_checkpoint", "load_checkpoint", "get_loss", "l1_loss", "l2_loss",
     "charbonnier_loss", "fft_loss", "wavelet_loss", "haar_dwt", "L1Loss", "L2Loss", "CharbonnierLoss", "FFTLoss",
-    "WaveletLoss",
+    "WaveletLoss", "input_range",
 ]

@@ -6,8 +6,8 @@ The loss, for pairs ``(teacher_name, student_name, weight)``::
          + output_weight * output_loss(S(lr), T(lr))        # teacher output as pseudo ground truth
          + gt_weight     * gt_loss(S(lr), hr)               # real ground truth (needs hr)
 
-Ranges: ``lr``/``hr`` are float tensors in [0, 1]. Each network gets ``lr * getattr(net, "input_range", 1.0)``
-and its output is divided by the same factor, so outputs are compared in [0, 1] whatever range each model was
+Ranges: ``lr``/``hr`` are float tensors in [0, 1]. Each network gets ``lr * distill.input_range(net)``
+(its ``input_range``, 1.0 when it declares none) and its output is divided by the same factor, so outputs are compared in [0, 1] whatever range each model was
 trained in (e.g. an IMDN teacher in 0-1 with an RFDN student in 0-255). Features are compared in the units the
 networks produce them in: the adapter maps student features to teacher features, scale included.
 """
@@ -20,8 +20,11 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from reparam.utils.device import model_device
+
 from .hooks import CAPTURES, FeatureHooks
 from .losses import LossSpec, get_loss
+from .ranges import input_range
 
 __all__ = ["Distiller", "Pair", "make_adapter", "ADAPTERS"]
 
@@ -73,19 +76,6 @@ def _check_pairs(pairs: Iterable[Sequence[object]]) -> list[Pair]:
             raise TypeError(f"pairs[{i}]: module names must be str, got {type(t).__name__} and {type(s).__name__}")
         out.append((t, s, _check_weight(f"pairs[{i}] weight", w, positive=True)))
     return out
-
-
-def _input_range(model: nn.Module, argname: str) -> float:
-    r = getattr(model, "input_range", 1.0)
-    if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(float(r)) or float(r) <= 0:
-        raise ValueError(f"{argname}.input_range must be a finite number > 0, got {r!r}")
-    return float(r)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 class Distiller(nn.Module):
@@ -144,13 +134,13 @@ class Distiller(nn.Module):
         self.gt_weight = _check_weight("gt_weight", gt_weight, positive=False)
         if not self.pairs and self.output_weight == 0 and self.gt_weight == 0:
             raise ValueError("nothing to optimize: give pairs, or output_weight > 0, or gt_weight > 0")
-        if _device(teacher) != _device(student):
+        if model_device(teacher) != model_device(student):
             raise ValueError(
-                f"teacher is on {_device(teacher)} but student on {_device(student)}; "
+                f"teacher is on {model_device(teacher)} but student on {model_device(student)}; "
                 "move both (or the Distiller) first"
             )
-        self.teacher_range = _input_range(teacher, "teacher")
-        self.student_range = _input_range(student, "student")
+        self.teacher_range = input_range(teacher, "teacher")
+        self.student_range = input_range(student, "student")
         self.capture = capture
 
         self.student = student
@@ -205,7 +195,7 @@ class Distiller(nn.Module):
     # ---------------------------------------------------------------- dry run
     def _dry_run(self, adapter: AdapterSpec, probe_size: tuple[int, int, int]) -> None:
         """Find feature channels, build adapters, check shapes, and find student parameters without gradient."""
-        device = _device(self.student)
+        device = model_device(self.student)
         dtype = next((p.dtype for p in self.student.parameters() if p.is_floating_point()), torch.float32)
         x = torch.rand(1, *probe_size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
         was_training = self.student.training

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .distiller import _input_range
+from .ranges import input_range
 from .losses import LossSpec, get_loss
 
 __all__ = ["Supervised"]
@@ -24,7 +24,7 @@ class Supervised(nn.Module):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         self.student = student
-        self.student_range = _input_range(student, "student")
+        self.student_range = input_range(student, "student")
         self.loss = get_loss(loss, "loss")
         self.unused_parameters: list[str] = []
         self.train(student.training)

@@ -29,7 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["upscale", "evaluate", "forward", "to_tensor", "to_uint8", "model_device", "eval_mode"]
+from distill.ranges import input_range
+from reparam.utils.device import model_device, model_dtype, resolve_device
+
+__all__ = ["upscale", "evaluate", "forward", "to_tensor", "to_uint8", "model_device", "model_dtype", "eval_mode",
+           "resolve_device", "input_range", "writable"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -45,47 +49,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model without any)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    """``device`` as a :class:`torch.device` (``None``: the model's device); checks CUDA is there."""
-    if device is None:
-        return model_device(model)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: cannot interpret {device!r} as a torch device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    return dev
-
-
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` itself when it already lives on ``device``, else a copy moved there (input untouched)."""
     if model_device(model) == device:
         return model
     return copy.deepcopy(model).to(device)
-
-
-def _input_range(model: nn.Module) -> float:
-    value = getattr(model, "input_range", 255.0)
-    if not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"model.input_range must be a positive number, got {value!r}")
-    return float(value)
 
 
 def _check_lr(lr: Any, name: str = "lr") -> np.ndarray:
@@ -100,7 +68,7 @@ def _check_lr(lr: Any, name: str = "lr") -> np.ndarray:
     return lr
 
 
-def _writable(img: np.ndarray) -> np.ndarray:
+def writable(img: np.ndarray) -> np.ndarray:
     """A contiguous, writable view or copy (torch warns on read-only arrays, e.g. cached datasets)."""
     img = np.ascontiguousarray(img)
     return img if img.flags.writeable else img.copy()
@@ -110,7 +78,7 @@ def to_tensor(img: np.ndarray, input_range: float = 255.0, device: torch.device 
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 ``H x W x 3`` -> float ``1 x 3 x H x W`` in ``[0, input_range]`` on ``device``."""
     img = _check_lr(img, "img")
-    t = torch.from_numpy(_writable(img)).permute(2, 0, 1).unsqueeze(0)
+    t = torch.from_numpy(writable(img)).permute(2, 0, 1).unsqueeze(0)
     t = t.to(device=device, dtype=dtype)
     if input_range != 255.0:
         t = t * (input_range / 255.0)
@@ -201,9 +169,9 @@ def upscale(model: nn.Module, lr_uint8: np.ndarray, tile: int | None = None, til
     _check_tiling(tile, tile_overlap)
     dev = resolve_device(device, model)
     net = on_device(model, dev)
-    rng = _input_range(net)
+    rng = input_range(net)
     with eval_mode(net):
-        x = to_tensor(lr, rng, dev, _model_dtype(net))
+        x = to_tensor(lr, rng, dev, model_dtype(net))
         y = forward(net, x, tile=tile, tile_overlap=tile_overlap)
     return to_uint8(y, rng)
 

@@ -51,9 +51,7 @@ everything else the process has done.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -63,14 +61,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import (_input_range, _model_dtype, _writable, eval_mode, forward, on_device, resolve_device,
-                        tile_count)
+from reparam.utils.flops import MacConvention, check_input_size, profile_macs
 
-__all__ = ["Profile", "profile", "format_table", "runtime", "count_params"]
+from .inference import (eval_mode, forward, input_range, model_dtype, on_device, resolve_device, tile_count,
+                        writable)
 
-_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
-_ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6)
-_BATCHNORMS = (nn.BatchNorm2d,)  # exactly what the challenge hooks (SyncBatchNorm and 1d/3d are not)
+__all__ = ["Profile", "profile", "format_table", "runtime", "count_params", "CHALLENGE_CONVENTION"]
+
+#: What the challenge's ``utils/model_summary.py`` hooks (see the module docstring): the generic counter of
+#: :mod:`reparam.utils.flops` configured with it. BatchNorm2d exactly (SyncBatchNorm and 1d/3d are not).
+CHALLENGE_CONVENTION = MacConvention(
+    convs=(nn.Conv2d, nn.ConvTranspose2d),
+    linears=(nn.Linear,),
+    activations=(nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6),
+    norms=(nn.BatchNorm2d,),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,74 +119,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_input_size(input_size: Any) -> tuple[int, ...]:
-    try:
-        size = tuple(input_size)
-    except TypeError:
-        raise ValueError(f"input_size must be a sequence (C, H, W), got {input_size!r}") from None
-    if len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-                             for v in size):
-        raise ValueError(f"input_size must be three positive ints (C, H, W), got {input_size!r}")
-    return tuple(int(v) for v in size)
-
-
-class _Counter:
-    """Forward hooks implementing the challenge's module-level counting convention."""
-
-    def __init__(self) -> None:
-        self.flops = 0
-        self.activations = 0
-        self.convs = 0
-        self._handles: list[Any] = []
-
-    def attach(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module, _CONVS):
-                self._handles.append(module.register_forward_hook(self._conv))
-            elif isinstance(module, _ACTIVATIONS):
-                self._handles.append(module.register_forward_hook(self._elementwise))
-            elif isinstance(module, nn.Linear):
-                self._handles.append(module.register_forward_hook(self._linear))
-            elif isinstance(module, _BATCHNORMS):
-                self._handles.append(module.register_forward_hook(self._batchnorm))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _conv(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        per_position = (math.prod(module.kernel_size) * module.in_channels
-                        * (module.out_channels // module.groups))
-        positions = output.shape[0] * math.prod(output.shape[2:])
-        self.flops += int(per_position) * int(positions)
-        self.activations += output.numel()
-        self.convs += 1
-
-    def _elementwise(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.flops += output.numel()
-
-    def _linear(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.flops += module.in_features * output.numel()
-
-    def _batchnorm(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        positions = output.shape[0] * math.prod(output.shape[2:])
-        self.flops += module.num_features * int(positions) * (2 if module.affine else 1)
-
-
-def _count(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = _Counter()
-    counter.attach(model)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as mode:
-            model(x)
-    finally:
-        counter.detach()
-    return counter.flops, counter.activations, counter.convs, int(mode.get_total_flops())
-
-
 def profile(model: nn.Module, input_size: Sequence[int] = (3, 256, 256), *, use_meta: bool = True) -> Profile:
     """Count parameters, FLOPs (MACs), activations and convs of ``model`` for one ``input_size`` image.
 
@@ -197,26 +134,10 @@ def profile(model: nn.Module, input_size: Sequence[int] = (3, 256, 256), *, use_
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     params = count_params(model)
-    counts = None
-    if use_meta:
-        try:
-            meta = copy.deepcopy(model).to("meta").eval()
-            x = torch.empty((1, *size), device="meta", dtype=_model_dtype(model))
-            counts = _count(meta, x)
-        except Exception:  # noqa: BLE001 - any failure on meta means "run it for real"
-            counts = None
-    if counts is None:
-        gen = torch.Generator().manual_seed(0)
-        rng = _input_range(model)
-        x = torch.rand((1, *size), generator=gen) * rng
-        x = x.to(device=next((p.device for p in model.parameters()), torch.device("cpu")),
-                 dtype=_model_dtype(model))
-        with eval_mode(model):
-            counts = _count(model, x)
-    flops, activations, convs, aten = counts
-    return Profile(params=params, flops=flops, activations=activations, convs=convs, aten_flops=aten,
+    c = profile_macs(model, size, convention=CHALLENGE_CONVENTION, use_meta=use_meta, scale=input_range(model))
+    return Profile(params=params, flops=c.macs, activations=c.activations, convs=c.convs, aten_flops=c.aten_flops,
                    input_size=size)
 
 
@@ -268,7 +189,7 @@ def _prepare_images(images: Sequence[Any], rng: float, device: torch.device, dty
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f"images[{i}] must be uint8 H x W x 3, got {img.dtype} {img.shape}")
-            t = torch.from_numpy(_writable(img)).permute(2, 0, 1).unsqueeze(0).float()
+            t = torch.from_numpy(writable(img)).permute(2, 0, 1).unsqueeze(0).float()
             t = t * (rng / 255.0)
         elif isinstance(img, torch.Tensor):
             t = img.unsqueeze(0) if img.dim() == 3 else img
@@ -304,7 +225,7 @@ def runtime(model: nn.Module, images: Sequence[Any], device: str | torch.device 
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
     dev = resolve_device(device, model)
     net = on_device(model, dev)
-    xs = _prepare_images(images, _input_range(net), dev, _model_dtype(net))
+    xs = _prepare_images(images, input_range(net), dev, model_dtype(net))
     cuda = dev.type == "cuda"
 
     def run(x: torch.Tensor) -> torch.Tensor:
