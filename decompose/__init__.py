@@ -12,9 +12,13 @@ from .ranks import RankError, conv_params, ranks_for_energy, ranks_for_fraction,
 from .report import LayerReport, TuckerReport
 from .tucker import TuckerConv, recompose, tucker_conv
 from .vbmf import evbmf_rank
+from .budget import LayerChoices, allocate, conv_macs
+from .data_aware import TuckerFit, data_aware_tucker, rank_curves
+from .data_aware_model import data_aware_tucker_model
 
 __all__ = [
     "tucker_conv", "tucker_model", "recompose", "recompose_model", "TuckerConv", "TuckerReport", "LayerReport",
     "RankError", "eligible_convs", "conv_params", "tucker_params", "ranks_for_fraction", "ranks_for_energy",
     "ranks_vbmf", "evbmf_rank",
+    "data_aware_tucker_model", "data_aware_tucker", "rank_curves", "TuckerFit", "LayerChoices", "allocate", "conv_macs",
 ]

@@ -28,6 +28,10 @@ class LayerReport:
     rel_error: float | None          #: ||W - W_tucker||_F / ||W||_F of the produced layers (float64)
     seconds: float = field(default=0.0, compare=False)  #: wall time spent on this layer (not compared)
     reason: str = ""                 #: why it was skipped (empty when decomposed)
+    #: data-aware runs only (:func:`decompose.data_aware_tucker_model`): relative calibration error
+    #: ``||conv(x) - y_teacher||^2 / ||y_teacher||^2`` on the student's inputs, before and after this layer's fit
+    calib_error_before: float | None = None
+    calib_error_after: float | None = None
 
     @property
     def param_change(self) -> int:
@@ -44,6 +48,8 @@ class TuckerReport(list):
         self.model_params_after = model_params_after
         self.seconds = seconds
         self.spec = spec
+        #: data-aware budget runs: {"target": ..., "kind": "params"|"flops", "achieved": ..., "before": ...}
+        self.budget: dict[str, Any] | None = None
 
     @property
     def decomposed(self) -> list[LayerReport]:
@@ -82,6 +88,7 @@ class TuckerReport(list):
             "model_params_after": self.model_params_after,
             "model_fraction": self.model_params_after / self.model_params_before if self.model_params_before else 1.0,
             "seconds": self.seconds,
+            **({"budget": self.budget} if self.budget is not None else {}),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,8 +113,10 @@ class TuckerReport(list):
     def from_json(cls, path: str | Path) -> "TuckerReport":
         data = json.loads(Path(path).read_text())
         s = data["summary"]
-        return cls([LayerReport(**row) for row in data["layers"]], s["model_params_before"],
-                   s["model_params_after"], s["seconds"], s.get("spec", ""))
+        report = cls([LayerReport(**row) for row in data["layers"]], s["model_params_before"],
+                     s["model_params_after"], s["seconds"], s.get("spec", ""))
+        report.budget = s.get("budget")
+        return report
 
     def table(self) -> str:
         head = ["layer", "shape", "ranks", "params", "after", "rel.err", "note"]
@@ -116,6 +125,8 @@ class TuckerReport(list):
             shape = f"{r.in_channels}->{r.out_channels} {r.kernel_size}" + (f" s{r.stride}" if r.stride != "1x1" else "")
             ranks = f"({r.rank_out},{r.rank_in})" if r.rank_out is not None else "-"
             err = f"{r.rel_error:.4f}" if r.rel_error is not None else "-"
+            if r.calib_error_after is not None:  # data-aware: the calibration error, before -> after the fit
+                err += f" calib {r.calib_error_before:.2e}->{r.calib_error_after:.2e}"
             lines.append([r.name, shape, ranks, str(r.params_before), str(r.params_after), err, r.reason])
         s = self.summary()
         widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
