@@ -1,11 +1,17 @@
 """``train_steps``: a small training loop for a Distiller (or :class:`Supervised`), single-process or DDP.
 
 Under ``torchrun`` it joins the process group from the environment, wraps the module in
-DistributedDataParallel, shards a Dataset with a DistributedSampler (``batch_size`` is per process), shows a tqdm
-bar on rank 0 and writes checkpoints from rank 0 only. Checkpoints hold tensors and plain values only
+DistributedDataParallel, shards a Dataset with a DistributedSampler (``batch_size`` is per process), shows a
+progress bar named ``desc`` on rank 0 (:func:`reparam.utils.progress.progress`: plain lines when stderr is not a
+terminal) and writes checkpoints from rank 0 only. Checkpoints hold tensors and plain values only
 (``torch.load(..., weights_only=True)``): the trainable module's ``state_dict`` (student + adapters), the optimizer
-and scheduler states and the step; they are written atomically every ``checkpoint_every`` steps, at the end, and
-on ``KeyboardInterrupt``; with ``resume=True`` a later call continues from the saved step.
+and scheduler states, the step and the loss history; they are written atomically every ``checkpoint_every``
+steps, at the end, and on ``KeyboardInterrupt``; with ``resume=True`` a later call continues from the saved step.
+
+Resuming is exact: when ``data`` is a dataset, the sampler is fast-forwarded past the batches already trained on
+(whole epochs are drawn and dropped, so a seeded sampler's generator ends where it would have been, and the
+current epoch skips its first batches without loading them), so an interrupted and resumed run ends with the
+very same weights as one that never stopped.
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from tqdm.auto import tqdm
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
 
@@ -52,11 +59,12 @@ class TrainResult:
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, step: int = 0) -> None:
-    """Atomically write ``{"model", "optimizer", "scheduler", "step"}`` (tensors and plain values) to ``path``."""
+                    scheduler: Any = None, step: int = 0, history: list[dict[str, float]] | None = None) -> None:
+    """Atomically write ``{"model", "optimizer", "scheduler", "step", "history"}`` (tensors and plain values)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"model": ddp_utils.unwrap(module).state_dict(), "step": int(step)}
+    state: dict[str, Any] = {"model": ddp_utils.unwrap(module).state_dict(), "step": int(step),
+                             "history": [dict(h) for h in history or []]}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -69,24 +77,65 @@ def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
 def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, map_location: str | torch.device = "cpu") -> int:
     """Load a :func:`save_checkpoint` file (``weights_only=True``) into the given objects; returns the step."""
+    return int(_load_checkpoint(path, module, optimizer, scheduler, map_location)["step"])
+
+
+def _load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     scheduler: Any, map_location: str | torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=True)
     ddp_utils.unwrap(module).load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    return int(state.get("step", 0))
+    return {"step": int(state.get("step", 0)), "history": list(state.get("history", []))}
 
 
-def _batches(loader: DataLoader) -> Iterator[Any]:
+class _SkippingBatchSampler(BatchSampler):
+    """A :class:`BatchSampler` whose next pass drops its first ``skip`` batches (their indices are still drawn,
+    so the sampler's random state advances exactly as if they had been trained on)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        if hasattr(obj, "set_epoch"):  # DistributedSampler order; PatchDataset crops
+            obj.set_epoch(epoch)
+
+
+def _batches(loader: DataLoader, done: int = 0) -> Iterator[Any]:
+    """Batches of ``loader`` forever, epoch after epoch, starting after the first ``done`` batches."""
     epoch = 0
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if done and isinstance(batch_sampler, _SkippingBatchSampler):  # fast-forward without loading any data
+        per_epoch = len(batch_sampler)
+        if per_epoch == 0:
+            raise ValueError("data yields no batches (dataset smaller than batch_size * world_size?)")
+        while done >= per_epoch:
+            _set_epoch(loader, epoch)
+            for _ in batch_sampler:  # draws the epoch's order (advances a seeded sampler) and drops it
+                pass
+            done -= per_epoch
+            epoch += 1
+        batch_sampler.skip = done
+        done = 0
     while True:
-        for obj in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
-            if hasattr(obj, "set_epoch"):  # DistributedSampler order; PatchDataset crops
-                obj.set_epoch(epoch)
+        _set_epoch(loader, epoch)
         n = 0
         for batch in loader:
             n += 1
+            if done:  # a caller's own DataLoader: skip by loading (slower, same result)
+                done -= 1
+                continue
             yield batch
         if n == 0:
             raise ValueError("data yields no batches (dataset smaller than batch_size * world_size?)")
@@ -119,6 +168,8 @@ def train_steps(
     num_workers: int = 0,
     seed: int = 0,
     progress: bool = True,
+    desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
     ctx: ddp_utils.DistContext | None = None,
 ) -> TrainResult:
     """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
@@ -131,6 +182,9 @@ def train_steps(
         scheduler_fn: ``optimizer -> scheduler``, stepped once per step.
         device: default: ``ctx.device`` (``cuda:LOCAL_RANK`` under torchrun with nccl, else CPU).
         ctx: a :class:`distill.ddp.DistContext`; default :func:`distill.ddp.init_from_env` (joins torchrun's group).
+        desc: the progress bar's name (say which job this is: "teacher training", "prune round 2 distill").
+        on_step: ``on_step(step)`` after every optimizer step (after that step's checkpoint); raising
+            ``KeyboardInterrupt`` in it stops training with a checkpoint at ``step`` (used to test resume).
 
     Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
     """
@@ -156,8 +210,8 @@ def train_steps(
                                          seed=seed, drop_last=True)
         else:
             sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
-        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                            pin_memory=dev.type == "cuda")
+        loader = DataLoader(data, batch_sampler=_SkippingBatchSampler(sampler, batch_size, drop_last=True),
+                            num_workers=num_workers, pin_memory=dev.type == "cuda")
     else:
         raise TypeError(
             f"data must be a map-style dataset (__len__, __getitem__) or a DataLoader, got {type(data).__name__}"
@@ -170,25 +224,27 @@ def train_steps(
     scheduler = scheduler_fn(optimizer) if scheduler_fn is not None else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
+    history: list[dict[str, float]] = []
     if ckpt is not None and resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
+        restored = _load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
+        start, history = restored["step"], restored["history"]
     model = ddp_utils.wrap(module, ctx)  # after loading: every rank starts from the same weights anyway
     model.train()
 
-    result = TrainResult(step=start, start_step=start, seconds=0.0, world_size=ctx.world_size,
+    result = TrainResult(step=start, start_step=start, seconds=0.0, history=history, world_size=ctx.world_size,
                          checkpoint=str(ckpt) if ckpt is not None else None)
 
     def save() -> None:
         if ckpt is not None and ctx.is_main:
-            save_checkpoint(ckpt, module, optimizer, scheduler, result.step)
+            save_checkpoint(ckpt, module, optimizer, scheduler, result.step, result.history)
 
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
-               desc="distill", dynamic_ncols=True)
+    bar = progress_bar(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
+                       desc=desc, unit="step")
     t0 = time.perf_counter()
     sums: dict[str, float] = {}
     count = 0
     try:
-        batches = _batches(loader)
+        batches = _batches(loader, done=start)  # per process: each step takes one batch on every rank
         while result.step < steps:
             lr_img, hr_img = next(batches)[:2]
             lr_img = lr_img.to(dev, non_blocking=True)
@@ -216,6 +272,8 @@ def train_steps(
             bar.update(1)
             if result.step % checkpoint_every == 0:
                 save()
+            if on_step is not None:
+                on_step(result.step)
     except KeyboardInterrupt:
         result.interrupted = True
         save()

@@ -563,3 +563,46 @@ def test_init_from_env_single_process(monkeypatch):
     assert torch.equal(distill.ddp.flat_parameters(m), torch.cat([m.weight.reshape(-1), m.bias]).double())
     with pytest.raises(ValueError, match="backend"):
         distill.ddp.init_from_env(backend="tcp")
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 9])  # inside the 1st epoch, at an epoch boundary, inside the 3rd
+def test_train_steps_resume_is_bit_exact(tmp_path, stop_at):
+    """Interrupt after step ``stop_at`` (on_step hook), resume from the checkpoint: same weights as no stop."""
+    lr, hr = batch(n=8)
+    ds = torch.utils.data.TensorDataset(lr, hr)  # 4 batches of 2 per epoch
+
+    def run(ckpt, stop=None):
+        torch.manual_seed(0)
+        teacher, student = models()
+        d = Distiller(teacher, student, pairs=PAIRS, gt_weight=1.0)
+
+        def hook(step):
+            if step == stop:
+                raise KeyboardInterrupt
+
+        try:
+            res = train_steps(d, ds, steps=12, batch_size=2, checkpoint=ckpt, checkpoint_every=100, seed=5,
+                              progress=False, on_step=hook, log_every=1)
+        finally:
+            d.close()
+        return student, res
+
+    ref, ref_res = run(tmp_path / "ref.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", stop=stop_at)
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["step"] == stop_at
+    resumed, res = run(tmp_path / "cut.pt")
+    assert (res.start_step, res.step) == (stop_at, 12)
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in ref_res.history]  # history restored too
+
+
+def test_train_steps_progress_names_the_job(capsys, monkeypatch):
+    monkeypatch.setenv("EFFSR_PROGRESS", "plain")
+    sup = Supervised(nn.Conv2d(3, 3, 3, padding=1))
+    lr, hr = batch(n=4)
+    train_steps(sup, torch.utils.data.TensorDataset(lr, hr[:, :, ::2, ::2]), steps=2, batch_size=2,
+                desc="teacher training")
+    err = capsys.readouterr().err
+    assert "teacher training: 2/2 step (100%)" in err and "\r" not in err
