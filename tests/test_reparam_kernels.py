@@ -1,11 +1,16 @@
-"""Unit and property tests of the kernel algebra (reparam.kernels) against the nn modules it stands for."""
+"""Unit and property tests of the kernel algebra (reparam.kernels) against the nn modules it stands for.
+
+Hypothesis draws the shapes and the tensors' values (``tensors``), not a seed.
+"""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from reparam import kernels as K
@@ -14,20 +19,27 @@ torch.manual_seed(0)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-@given(c=st.integers(1, 6), o=st.integers(1, 6), k=st.sampled_from([1, 3, 5]), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_fold_bn_equals_conv_then_bn(c: int, o: int, k: int, bias: bool, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+def tensors(*shape: int, lo: float = -2.0, hi: float = 2.0) -> st.SearchStrategy[torch.Tensor]:
+    """A float64 tensor of ``shape`` whose values hypothesis draws (and shrinks)."""
+    return arrays(np.float64, shape, elements=st.floats(lo, hi, allow_nan=False)).map(torch.from_numpy)
+
+
+@given(c=st.integers(1, 6), o=st.integers(1, 6), k=st.sampled_from([1, 3, 5]), bias=st.booleans(), data=st.data())
+def test_fold_bn_equals_conv_then_bn(c: int, o: int, k: int, bias: bool, data: st.DataObject) -> None:
     conv = nn.Conv2d(c, o, k, padding=k // 2, bias=bias).double()
     bn = nn.BatchNorm2d(o).double().eval()
     with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(o, generator=g, dtype=torch.float64))
-        bn.running_var.copy_(torch.rand(o, generator=g, dtype=torch.float64) * 3 + 0.05)
-        bn.weight.copy_(torch.randn(o, generator=g, dtype=torch.float64))
-        bn.bias.copy_(torch.randn(o, generator=g, dtype=torch.float64))
-    x = torch.randn(2, c, 7, 9, generator=g, dtype=torch.float64)
+        conv.weight.copy_(data.draw(tensors(o, c, k, k)))
+        if bias:
+            conv.bias.copy_(data.draw(tensors(o)))
+        bn.running_mean.copy_(data.draw(tensors(o)))
+        bn.running_var.copy_(data.draw(tensors(o, lo=0.05, hi=3.0)))
+        bn.weight.copy_(data.draw(tensors(o)))
+        bn.bias.copy_(data.draw(tensors(o)))
+    x = data.draw(tensors(2, c, data.draw(st.integers(3, 9)), data.draw(st.integers(3, 9))))
     w, b = K.fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     assert rel_err(F.conv2d(x, w, b, padding=k // 2), bn(conv(x))) <= 1e-12
 
@@ -42,13 +54,13 @@ def test_fold_bn_without_affine() -> None:
 
 
 @given(k_small=st.sampled_from([1, 3]), k_big=st.sampled_from([3, 5, 7]), dil=st.integers(1, 3), stride=st.integers(1, 2),
-       seed=st.integers(0, 2**16))
-def test_padded_small_kernel_equals_small_conv(k_small: int, k_big: int, dil: int, stride: int, seed: int) -> None:
+       data=st.data())
+def test_padded_small_kernel_equals_small_conv(k_small: int, k_big: int, dil: int, stride: int,
+                                               data: st.DataObject) -> None:
     if k_small > k_big:
         k_small = k_big
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(3, 2, k_small, k_small, generator=g, dtype=torch.float64)
-    x = torch.randn(1, 2, 11, 10, generator=g, dtype=torch.float64)
+    w = data.draw(tensors(3, 2, k_small, k_small))
+    x = data.draw(tensors(1, 2, data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))))
     small = F.conv2d(x, w, stride=stride, padding=dil * (k_small // 2), dilation=dil)
     big = F.conv2d(x, K.pad_kernel(w, k_big), stride=stride, padding=dil * (k_big // 2), dilation=dil)
     assert rel_err(big, small) <= 1e-12
@@ -62,26 +74,24 @@ def test_pad_kernel_errors() -> None:
         K.pad_kernel(w, 4)
 
 
-@given(groups=st.sampled_from([1, 2, 3]), cpg=st.integers(1, 3), opg=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_dense_grouped_round_trip_and_conv(groups: int, cpg: int, opg: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(groups * opg, cpg, 3, 3, generator=g, dtype=torch.float64)
+@given(groups=st.sampled_from([1, 2, 3]), cpg=st.integers(1, 3), opg=st.integers(1, 3), data=st.data())
+def test_dense_grouped_round_trip_and_conv(groups: int, cpg: int, opg: int, data: st.DataObject) -> None:
+    w = data.draw(tensors(groups * opg, cpg, 3, 3))
     dense = K.to_dense(w, groups)
     assert dense.shape == (groups * opg, groups * cpg, 3, 3)
     assert torch.equal(K.to_grouped(dense, groups), w)
-    x = torch.randn(1, groups * cpg, 6, 7, generator=g, dtype=torch.float64)
+    x = data.draw(tensors(1, groups * cpg, data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))))
     assert rel_err(F.conv2d(x, dense, padding=1), F.conv2d(x, w, padding=1, groups=groups)) <= 1e-12
 
 
 @given(cin=st.integers(1, 5), mid=st.integers(1, 6), cout=st.integers(1, 5), k=st.sampled_from([3, 5]),
-       stride=st.integers(1, 2), dil=st.integers(1, 2), seed=st.integers(0, 2**16))
-def test_merge_1x1_then_kxk_is_exact_with_bias_padding(cin, mid, cout, k, stride, dil, seed) -> None:
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(mid, cin, 1, 1, generator=g, dtype=torch.float64)
-    b1 = torch.randn(mid, generator=g, dtype=torch.float64) * 3
-    w2 = torch.randn(cout, mid, k, k, generator=g, dtype=torch.float64)
-    b2 = torch.randn(cout, generator=g, dtype=torch.float64)
-    x = torch.randn(2, cin, 9, 8, generator=g, dtype=torch.float64)
+       stride=st.integers(1, 2), dil=st.integers(1, 2), data=st.data())
+def test_merge_1x1_then_kxk_is_exact_with_bias_padding(cin, mid, cout, k, stride, dil, data) -> None:
+    w1 = data.draw(tensors(mid, cin, 1, 1))
+    b1 = data.draw(tensors(mid, lo=-6.0, hi=6.0))
+    w2 = data.draw(tensors(cout, mid, k, k))
+    b2 = data.draw(tensors(cout))
+    x = data.draw(tensors(2, cin, data.draw(st.integers(1, 10)), data.draw(st.integers(1, 10))))
     p = dil * (k // 2)
     t = F.conv2d(x, w1, b1)
     t_bias_padded = F.pad(t - b1.view(1, -1, 1, 1), [p] * 4) + b1.view(1, -1, 1, 1)
@@ -89,19 +99,20 @@ def test_merge_1x1_then_kxk_is_exact_with_bias_padding(cin, mid, cout, k, stride
     w, b = K.merge_sequential((w1, b1), (w2, b2))
     fused = F.conv2d(x, w, b, stride=stride, padding=p, dilation=dil)
     assert rel_err(fused, ref) <= 1e-12
-    # The anchors' fault: zero-padding the 1x1 output breaks the border (whenever the bias is non-zero).
+    # The anchors' fault: zero-padding the 1x1 output breaks the border (whenever the border sees the bias).
     ref_zero_pad = F.conv2d(t, w2, b2, stride=stride, padding=p, dilation=dil)
+    assume(rel_err(ref_zero_pad, ref) > 1e-6)
     assert rel_err(fused, ref_zero_pad) > 1e-6
 
 
-@given(groups=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-def test_merge_kxk_then_1x1(groups: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
-    b1 = torch.randn(4, generator=g, dtype=torch.float64)
-    w2 = torch.randn(6, 4 // groups, 1, 1, generator=g, dtype=torch.float64)
-    b2 = torch.randn(6, generator=g, dtype=torch.float64)
-    x = torch.randn(1, 4, 7, 7, generator=g, dtype=torch.float64)
+@given(groups=st.sampled_from([1, 2]), cpg=st.integers(1, 3), opg=st.integers(1, 3), data=st.data())
+def test_merge_kxk_then_1x1(groups: int, cpg: int, opg: int, data: st.DataObject) -> None:
+    c = groups * cpg
+    w1 = data.draw(tensors(c, cpg, 3, 3))
+    b1 = data.draw(tensors(c))
+    w2 = data.draw(tensors(groups * opg, cpg, 1, 1))
+    b2 = data.draw(tensors(groups * opg))
+    x = data.draw(tensors(1, c, data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))))
     ref = F.conv2d(F.conv2d(x, w1, b1, padding=1, groups=groups), w2, b2, groups=groups)
     w, b = K.merge_sequential((w1, b1), (w2, b2), groups, groups, groups)
     assert rel_err(F.conv2d(x, w, b, padding=1, groups=groups), ref) <= 1e-12
@@ -115,15 +126,29 @@ def test_merge_sequential_needs_a_1x1() -> None:
         K.merge_sequential((torch.zeros(3, 2, 1, 1), None), (w, None))
 
 
-@given(channels=st.sampled_from([2, 4, 6]), groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, 5]))
-def test_identity_and_avg_kernels(channels: int, groups: int, k: int) -> None:
-    x = torch.randn(1, channels, 8, 9, dtype=torch.float64)
+@given(channels=st.sampled_from([2, 4, 6]), groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, 5]),
+       data=st.data())
+def test_identity_and_avg_kernels(channels: int, groups: int, k: int, data: st.DataObject) -> None:
+    x = data.draw(tensors(1, channels, data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))))
     w, b = K.identity_kernel(channels, groups, k, like=x)
     assert w.dtype == torch.float64
     assert torch.equal(F.conv2d(x, w, b, padding=k // 2, groups=groups), x)
     w, b = K.avg_kernel(channels, groups, k, like=x)
     ref = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=True)
     assert rel_err(F.conv2d(x, w, b, padding=k // 2, groups=groups), ref) <= 1e-12
+
+
+@given(groups=st.sampled_from([1, 2, 3]), cpg=st.integers(1, 3), k=st.sampled_from([1, 3, 5]),
+       times=st.integers(1, 2), data=st.data())
+def test_subtract_identity_leaves_the_rest_for_the_branches(groups: int, cpg: int, k: int, times: int,
+                                                            data: st.DataObject) -> None:
+    c = groups * cpg
+    w = data.draw(tensors(c, cpg, k, k))
+    x = data.draw(tensors(1, c, data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))))
+    rest = K.subtract_identity(w, groups, times)
+    assert rest.shape == w.shape and not rest.requires_grad
+    conv = lambda t, kern: F.conv2d(t, kern, padding=k // 2, groups=groups)  # noqa: E731
+    assert rel_err(conv(x, rest) + times * x, conv(x, w)) <= 1e-12
 
 
 def test_mask_kernel_and_scale() -> None:
