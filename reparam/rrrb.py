@@ -76,7 +76,9 @@ class RRRB(RepBlock):
         self.expand.conv.weight.copy_(K.to_grouped(emb[:, :, None, None], g))
         self.reduce.conv.weight.copy_(K.to_grouped(emb.t()[:, :, None, None], g))
         target = K.to_dense(K.subtract_identity(weight, g, times=2), g)
-        fea = torch.einsum("pc,cdhw,qd->pqhw", emb, target, emb)
+        # fea = emb . target . emb^T over the channels: reduce's embedding, the target, expand's embedding
+        inner = K.merge_sequential((emb.t()[:, :, None, None], None), (target, None))
+        fea, _ = K.merge_sequential(inner, (emb[:, :, None, None], None))
         self.fea.conv.weight.copy_(K.to_grouped(fea, g))
         if self.bias:
             self.expand.conv.bias.zero_()
