@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--refit-ridge", type=float, default=1e-2)
     ap.add_argument("--no-refit", action="store_true")
     ap.add_argument("--set14", action="store_true")
+    ap.add_argument("--sensitivity", default="noise", choices=["noise", "relative"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "oneshot_tucker.json"))
@@ -82,7 +83,11 @@ def main() -> None:
         evals["set14"] = SRFolder(data / "set14")
 
     def quality(m: torch.nn.Module) -> dict[str, float]:
-        return {k: round(float(evaluate(m, v, progress=False)["psnr_y"]), 4) for k, v in evals.items()}
+        out = {}
+        for k, v in evals.items():   # Y-PSNR on rounded (challenge convention) and on unrounded Y
+            out[k] = round(float(evaluate(m, v, progress=False)["psnr_y"]), 4)
+            out[k + "_float"] = round(float(evaluate(m, v, progress=False, y_round=False)["psnr_y"]), 4)
+        return out
 
     def row(name: str, m: torch.nn.Module, seconds: float | None) -> dict:
         prof = profile(m)
@@ -103,7 +108,7 @@ def main() -> None:
     da, rep = data_aware_tucker_model(teacher, calib, target_params=args.target_params,
                                       include_1x1=args.include_1x1, min_channels=args.min_channels,
                                       refit=not args.no_refit, ridge=args.ridge, refit_ridge=args.refit_ridge,
-                                      schedule=args.schedule, progress=False)
+                                      schedule=args.schedule, sensitivity=args.sensitivity, progress=False)
     t_da = time.perf_counter() - t0
     print(rep.table())
     t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def main() -> None:
     rows.append(row("plain tucker (same ranks)", plain, t_plain))
     rows.append(row(f"data-aware tucker ({args.schedule})", da, t_da + t_data))
     print()
-    cols = ["model", "params", "flops_g", "convs", *evals, "seconds"]
+    cols = ["model", "params", "flops_g", "convs", *(f"{k}{s}" for k in evals for s in ("", "_float")), "seconds"]
     print("  ".join(f"{c:>28}" if c == "model" else f"{c:>10}" for c in cols))
     for r in rows:
         print("  ".join(f"{str(r[c]):>28}" if c == "model" else f"{str(r[c]):>10}" for c in cols))

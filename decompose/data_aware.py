@@ -102,7 +102,11 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def stats_error(xtx: np.ndarray, xty: np.ndarray, yty: np.ndarray, coef: np.ndarray) -> float:
-    """``||X_aug coef - Y||^2`` from the statistics (``coef``: ``(D+1) x Cout``, last row = bias)."""
+    """``||X_aug coef - Y||^2`` from the (ungrouped) statistics (``coef``: ``(D+1) x Cout``, last row = bias)."""
+    if np.ndim(xtx) == 3:
+        if np.shape(xtx)[0] != 1:
+            raise ValueError("xtx: grouped statistics; stats_error takes one group")
+        xtx, xty = xtx[0], xty[0]
     val = float(np.einsum("ik,ij,jk->", coef, xtx, coef, optimize=True) - 2.0 * np.sum(coef * xty) + np.sum(yty))
     return max(val, 0.0)
 
@@ -164,10 +168,10 @@ def input_factor(weight: np.ndarray, xtx: np.ndarray, r_in: int, jitter: float =
     m = np.moveaxis(weight, 1, 0).reshape(cin, -1).T          # Cout*kh*kw x Cin
     if whiten:
         lower = _whitener(channel_covariance(xtx, cin, kh * kw), jitter)
-        _, s, vt = np.linalg.svd(m @ lower, full_matrices=False)
+        _, s, vt = np.linalg.svd(m @ lower, full_matrices=True)    # all Cin directions, even past rank(W)
         a = np.linalg.solve(lower.T, vt[:r_in].T).T             # V_r^T L^-1
     else:
-        _, s, vt = np.linalg.svd(m, full_matrices=False)
+        _, s, vt = np.linalg.svd(m, full_matrices=True)
         a = vt[:r_in]
     s2 = np.zeros(cin)
     s2[: s.size] = s * s / (kh * kw)            # sigma sums the k^2 taps; the error uses one tap's covariance

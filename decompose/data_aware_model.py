@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .budget import LayerChoices, allocate, bilinear_cost, conv_macs
 from .data_aware import data_aware_tucker, rank_curves
-from .model import ONE_BY_ONE_REASON, _check_spec_type, _rank_for, _rel_error, _replace, _row, eligible_convs
+from .model import ONE_BY_ONE_REASON, _check_spec_type, _rank_for, _rel_error, _row, eligible_convs
 from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import TuckerReport
 from .tucker import TuckerConv, _build
@@ -35,6 +35,11 @@ from reparam.convert import Selector, name_selector
 __all__ = ["data_aware_tucker_model"]
 
 FlopsFn = Callable[[nn.Conv2d, tuple[int, int]], float]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def _as_calibration(calibration: Any) -> Any:
@@ -95,6 +100,43 @@ def _probe_sizes(model: nn.Module, convs: Sequence[tuple[list[str], nn.Conv2d]],
     return sizes
 
 
+@torch.no_grad()
+def _sensitivities(teacher: nn.Module, calib: Any, names: Sequence[str], batches: int = 2, rel_noise: float = 0.05,
+                   seed: int = 0) -> dict[str, float]:
+    """Per layer, the final-output MSE per unit of per-element noise variance added to that layer's output.
+
+    Gaussian noise of standard deviation ``rel_noise * std(layer output)`` is injected at one layer at a time
+    (on the first ``batches`` calibration batches, seeded) and the network output's mean squared change is
+    divided by the noise variance: how much a unit of that layer's error costs at the output (to first order).
+    """
+    mods = dict(teacher.named_modules())
+    p = next(teacher.parameters())
+    xs = [x.to(device=p.device, dtype=p.dtype) for x in calib.batches[:batches]]
+    clean = [teacher(x) for x in xs]
+    out: dict[str, float] = {}
+    for n in names:
+        state: dict[str, Any] = {}
+
+        def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> torch.Tensor:
+            sigma = rel_noise * float(y.std())
+            sigma = sigma if sigma > 0 else rel_noise
+            noise = torch.randn(y.shape, generator=state["gen"], dtype=torch.float32).to(y)
+            state["var"] = sigma * sigma
+            return y + sigma * noise
+
+        handle = mods[n].register_forward_hook(hook)
+        try:
+            total, var = 0.0, 0.0
+            for b, x in enumerate(xs):
+                state["gen"] = torch.Generator().manual_seed(seed * 1_000_003 + b)
+                total += float((teacher(x) - clean[b]).double().pow(2).mean())
+                var += state["var"]
+        finally:
+            handle.remove()
+        out[n] = total / var if var > 0 else 0.0
+    return out
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
@@ -117,6 +159,7 @@ def data_aware_tucker_model(
     ridge: float = 1e-4,
     refit_ridge: float = 1e-2,
     schedule: str = "block",
+    sensitivity: str = "noise",
     inplace: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, TuckerReport]:
@@ -138,6 +181,9 @@ def data_aware_tucker_model(
         ridge: relative ridge of the Tucker core regression; refit_ridge: that of the refit (toward the old
             weights, so larger is safer).
         schedule: ``"block"`` (one calibration pass per top-level child module) or ``"layer"`` (one per conv).
+        sensitivity: how a budget weighs the layers' estimated errors: ``"noise"`` (default) by how much
+            noise injected at the layer changes the network's output (so an error in a layer that feeds the
+            output directly costs more), ``"relative"`` by the layer's own relative error.
 
     The report has one row per conv (status ``"decomposed"``, ``"refit"`` or ``"skipped"``) with the relative
     calibration error before and after its fit, and for a budget ``report.budget`` (target and achieved).
@@ -159,6 +205,8 @@ def data_aware_tucker_model(
         raise TypeError("flops_fn must be callable (conv, (h, w)) -> float")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be a positive int, got {min_channels!r}")
+    if sensitivity not in ("noise", "relative"):
+        raise ValueError(f"sensitivity must be 'noise' or 'relative', got {sensitivity!r}")
     if schedule not in ("block", "layer"):
         raise ValueError(f"schedule must be 'block' or 'layer', got {schedule!r}")
     ridge = _positive(ridge, "ridge") if ridge != 0 else 0.0
@@ -233,7 +281,7 @@ def data_aware_tucker_model(
             ranks[n] = r
     else:
         ranks, budget_info = _allocate(out, teacher, calib, by_name, candidates, order, target_params,
-                                       target_flops, flops_fn, flops_input_size, ridge, progress)
+                                       target_flops, flops_fn, flops_input_size, ridge, progress, sensitivity)
         for n in candidates:
             if n not in ranks:
                 rows[n] = "kept whole by the budget allocation"
@@ -309,7 +357,7 @@ def data_aware_tucker_model(
 
 def _allocate(model: nn.Module, teacher: nn.Module, calib: Any, by_name: dict, candidates: list[str],
               order: list[str], target_params: int | None, target_flops: float | None, flops_fn: FlopsFn | None,
-              flops_input_size: tuple[int, int] | None, ridge: float, progress: bool
+              flops_input_size: tuple[int, int] | None, ridge: float, progress: bool, sensitivity: str
               ) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
     """Per-layer ranks meeting the budget, from error-vs-rank curves on the unmodified model's statistics."""
     convs = list(by_name.values())
@@ -334,8 +382,9 @@ def _allocate(model: nn.Module, teacher: nn.Module, calib: Any, by_name: dict, c
     if not candidates:
         raise ValueError(f"{arg}: no conv can be decomposed (see include/exclude/min_channels/include_1x1)")
     fixed = total - sum(keep.values())
-    choices: list[LayerChoices] = []
     todo = [n for n in order if n in candidates]
+    sens = _sensitivities(teacher, calib, todo) if sensitivity == "noise" else {}
+    choices: list[LayerChoices] = []
     bar = tqdm(total=len(todo), desc="rank curves", unit="conv", disable=not progress)
     for stage in _stages(todo, "block"):
         stats = calib.collect(model, stage, teacher=teacher)
@@ -344,7 +393,10 @@ def _allocate(model: nn.Module, teacher: nn.Module, calib: Any, by_name: dict, c
             st = stats[n]
             e_in, e_out, energy = rank_curves(_np(conv.weight), None if conv.bias is None else _np(conv.bias),
                                               _np(st.xtx), _np(st.xty), _np(st.yty), ridge=max(ridge, 1e-8))
-            scale = 1.0 / energy if energy > 0 else 1.0
+            if sensitivity == "noise":     # predicted output MSE: per-element layer error x its sensitivity
+                scale = sens[n] / max(st.count * conv.out_channels, 1)
+            else:                          # relative error of the layer
+                scale = 1.0 / energy if energy > 0 else 1.0
             choices.append(LayerChoices.grid(n, conv.out_channels, conv.in_channels, keep[n], cost_of[n],
                                              e_in, e_out, scale))
             bar.update(1)
