@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--refit-ridge", type=float, default=1e-2)
     ap.add_argument("--no-refit", action="store_true")
     ap.add_argument("--set14", action="store_true")
+    ap.add_argument("--refine", type=int, default=0, help="ALS rounds per decomposed conv")
     ap.add_argument("--sensitivity", default="noise", choices=["noise", "relative"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +109,8 @@ def main() -> None:
     da, rep = data_aware_tucker_model(teacher, calib, target_params=args.target_params,
                                       include_1x1=args.include_1x1, min_channels=args.min_channels,
                                       refit=not args.no_refit, ridge=args.ridge, refit_ridge=args.refit_ridge,
-                                      schedule=args.schedule, sensitivity=args.sensitivity, progress=False)
+                                      schedule=args.schedule, sensitivity=args.sensitivity, refine=args.refine,
+                                      progress=False)
     t_da = time.perf_counter() - t0
     print(rep.table())
     t0 = time.perf_counter()

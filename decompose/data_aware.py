@@ -259,14 +259,40 @@ def _tucker_from_first(first: np.ndarray, weight_shape: tuple, xtx: np.ndarray, 
     return fit
 
 
+def refine_first(fit: TuckerFit, xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
+    """One exact least-squares update of the input factor with the core and output factor held fixed.
+
+    The Tucker output ``sum_t (U_out K_t) A x_t + b`` is linear in ``A`` (``r_in x Cin``); its normal equations
+    ``H vec(A) = g`` come from the im2col statistics alone (``H``: ``(r_in Cin)^2``). Returns the new ``A`` with
+    orthonormal rows (its row space is what matters: the core is refit after it).
+    """
+    r_out, r_in, kh, kw = fit.core.shape
+    k2 = kh * kw
+    cin = fit.first.shape[1]
+    d = cin * k2
+    c = np.einsum("oa,akt->okt", fit.last, fit.core.reshape(r_out, r_in, k2))     # Cout x r_in x k2
+    s4 = xtx[:d, :d].reshape(cin, k2, cin, k2)
+    pair = np.einsum("ojt,oks->jtks", c, c)
+    h = np.einsum("jtks,ctes->jcke", pair, s4, optimize=True).reshape(r_in * cin, r_in * cin)
+    b = np.zeros(c.shape[0]) if fit.bias is None else fit.bias
+    resid = xty[:d].reshape(cin, k2, -1) - xtx[d, :d].reshape(cin, k2)[:, :, None] * b[None, None, :]
+    g = np.einsum("ojt,cto->jc", c, resid).reshape(-1)
+    h = 0.5 * (h + h.T)
+    a = _solve_spd(_ridge(h, ridge, h.shape[0]), g).reshape(r_in, cin)
+    return _orth_rows(a)
+
+
 def data_aware_tucker(weight: np.ndarray, bias: np.ndarray | None, xtx: np.ndarray, xty: np.ndarray,
                       yty: np.ndarray, ranks: tuple[int, int], ridge: float = 1e-6,
-                      jitter: float = 1e-6) -> TuckerFit:
+                      jitter: float = 1e-6, refine: int = 0) -> TuckerFit:
     """Data-aware Tucker-2 factors of a conv from its calibration statistics (see the module docstring).
 
     ``weight`` ``Cout x Cin x kh x kw`` and ``bias`` (``None``: the result has no bias either) are the current
     layer's, used to choose the input subspace; the core and output factor are fitted to the target whose
     statistics ``xty``/``yty`` hold. ``ridge`` is relative to the mean diagonal of the factored Gram matrix.
+    ``refine``: rounds of alternating least squares on the exact calibration objective after that (the input
+    factor by :func:`refine_first`, then the core and output factor again); a round is kept only if it lowers
+    the calibration error.
     """
     weight, xtx, xty, yty = _check_stats(weight, xtx, xty, yty)
     if yty is None:
@@ -282,7 +308,14 @@ def data_aware_tucker(weight: np.ndarray, bias: np.ndarray | None, xtx: np.ndarr
             fit = _tucker_from_first(first, weight.shape, xtx, xty, yty, r_out, ridge, bias is not None, label)
             if best is None or fit.error < best.error:
                 best = fit
-    assert best is not None
+        assert best is not None
+        for _ in range(refine):
+            first = refine_first(best, xtx, xty, ridge)
+            fit = _tucker_from_first(first, weight.shape, xtx, xty, yty, r_out, ridge, bias is not None,
+                                     best.subspace.split("+")[0] + "+als")
+            if not fit.error < best.error * (1 - 1e-9):
+                break
+            best = fit
     return best
 
 

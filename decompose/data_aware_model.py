@@ -160,6 +160,7 @@ def data_aware_tucker_model(
     refit_ridge: float = 1e-2,
     schedule: str = "block",
     sensitivity: str = "noise",
+    refine: int = 0,
     inplace: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, TuckerReport]:
@@ -184,6 +185,8 @@ def data_aware_tucker_model(
         sensitivity: how a budget weighs the layers' estimated errors: ``"noise"`` (default) by how much
             noise injected at the layer changes the network's output (so an error in a layer that feeds the
             output directly costs more), ``"relative"`` by the layer's own relative error.
+        refine: rounds of alternating least squares per decomposed conv on its exact calibration objective
+            (see :func:`decompose.data_aware.data_aware_tucker`); 0 keeps the closed-form factors.
 
     The report has one row per conv (status ``"decomposed"``, ``"refit"`` or ``"skipped"``) with the relative
     calibration error before and after its fit, and for a budget ``report.budget`` (target and achieved).
@@ -205,6 +208,8 @@ def data_aware_tucker_model(
         raise TypeError("flops_fn must be callable (conv, (h, w)) -> float")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be a positive int, got {min_channels!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
     if sensitivity not in ("noise", "relative"):
         raise ValueError(f"sensitivity must be 'noise' or 'relative', got {sensitivity!r}")
     if schedule not in ("block", "layer"):
@@ -303,7 +308,7 @@ def data_aware_tucker_model(
             if n in ranks:
                 w = _np(conv.weight)
                 fit = data_aware_tucker(w, None if conv.bias is None else _np(conv.bias), _np(st.xtx),
-                                        _np(st.xty), _np(st.yty), ranks[n], ridge=ridge)
+                                        _np(st.xty), _np(st.yty), ranks[n], ridge=ridge, refine=refine)
                 seq = _build(conv, fit.core, fit.last, fit.first.T)
                 if conv.bias is not None:
                     with torch.no_grad():

@@ -100,6 +100,23 @@ def test_data_aware_error_is_at_most_plain_tucker_error(g, data):
     direct = float(stats.error(recompose(seq).weight, recompose(seq).bias))
     assert fit.error == pytest.approx(direct, rel=1e-6, abs=1e-9 * float(yty.sum()))
     assert fit.error <= plain_err * (1 + 1e-7) + 1e-9 * float(yty.sum())
+    refined = data_aware_tucker(np64(conv.weight), None if conv.bias is None else np64(conv.bias), xtx, xty, yty,
+                                (r_out, r_in), ridge=1e-12, refine=3)
+    assert refined.error <= fit.error
+    seq = build(conv, refined)
+    assert refined.error == pytest.approx(float(stats.error(recompose(seq).weight, recompose(seq).bias)),
+                                          rel=1e-6, abs=1e-9 * float(yty.sum()))
+
+
+def test_refine_lowers_the_error_where_the_closed_form_is_not_optimal():
+    g = {"cin": 6, "cout": 7, "k": 3, "stride": 1, "padding": 1, "dilation": 1, "bias": True,
+         "padding_mode": "zeros", "seed": 3}
+    conv, x = make(g)
+    _, xtx, xty, yty = conv_stats(conv, x)
+    args = (np64(conv.weight), np64(conv.bias), xtx, xty, yty, (4, 3))
+    base = data_aware_tucker(*args, ridge=1e-12)
+    refined = data_aware_tucker(*args, ridge=1e-12, refine=5)
+    assert refined.subspace.endswith("+als") and refined.error < base.error
 
 
 def test_whitening_beats_weight_only_subspace_on_scaled_inputs():
@@ -284,6 +301,8 @@ def test_bad_model_level_input_names_the_argument():
         data_aware_tucker_model(net, None, 0.5, progress=False)
     with pytest.raises(ValueError, match="schedule"):
         data_aware_tucker_model(net, calib, 0.5, schedule="all", progress=False)
+    with pytest.raises(ValueError, match="refine"):
+        data_aware_tucker_model(net, calib, 0.5, refine=-1, progress=False)
     with pytest.raises(ValueError, match="sensitivity"):
         data_aware_tucker_model(net, calib, 0.5, sensitivity="grad", progress=False)
     with pytest.raises(ValueError, match="rank"):
