@@ -76,7 +76,7 @@ def test_shrink_writes_every_output(full_run):
     assert (full_run / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stages = sorted(p.name for p in (full_run / "stages").glob("*.json") if not p.name.endswith(".recipe.json"))
     assert stages == ["0_teacher.json", "1_repify.json", "2_prune.json", "3_fuse.json", "4_tucker.json",
-                      "5_report.json"]
+                      "7_report.json"]  # 5 compress, 6 distill: data-aware path only
     report = json.loads((full_run / "report.json").read_text())
     rows = {m["kind"]: m for m in report["models"]}
     teacher, student = rows["teacher"], rows["student"]

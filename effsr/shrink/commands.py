@@ -31,7 +31,26 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                    help="turn the student's 3x3 convs into this rep block first (ecb, rrrb, dbb, ...; "
                         "default: no repify)")
     p.add_argument("--steps", type=int, default=100, metavar="N",
-                   help="distillation steps after repify, each pruning step and Tucker (default 100)")
+                   help="distillation steps after repify, each pruning step and Tucker, or after the data-aware "
+                        "compression (0: training-free) (default 100)")
+    p.add_argument("--target-params", type=int, default=None, metavar="N",
+                   help="data-aware path: the student's parameter budget (<= N): calibration, one-shot "
+                        "compression in closed form, then --steps of distillation (default: off)")
+    p.add_argument("--target-flops", type=float, default=None, metavar="G",
+                   help="data-aware path: a FLOPs budget instead, in G MACs on 3x256x256 (challenge convention)")
+    p.add_argument("--method", default="auto", metavar="prune|tucker|auto",
+                   help="data-aware method: channel pruning + least-squares reconstruction, data-aware Tucker-2, "
+                        "or auto: both one-shot, keep the better on held-out calibration patches (see --objective)")
+    p.add_argument("--importance", default="l2", metavar="l2|activation|recon",
+                   help="which filters data-aware pruning removes: L2 norm, activation energy, or the "
+                        "reconstruction-error greedy selection")
+    p.add_argument("--calib-images", type=int, default=64, metavar="N",
+                   help="calibration LR patches (32 px) cut from the training data")
+    p.add_argument("--objective", default="psnr", metavar="psnr|runtime",
+                   help="--method auto keeps the best held-out PSNR-Y, or with 'runtime' the fastest measured "
+                        "student within --objective-tolerance dB of it")
+    p.add_argument("--objective-tolerance", type=float, default=0.1, metavar="DB",
+                   help="PSNR-Y tolerance of --objective runtime")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="training patches per step")
     p.add_argument("--patch-size", type=_patch_size, default=None, metavar="N|auto",
                    help="LR training patch side (default: auto = the smallest LR side of the training images, "
@@ -98,7 +117,10 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
-        progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float)
+        progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
+        target_params=args.target_params, target_flops=args.target_flops,
+        method=args.method, importance=args.importance, calib_images=args.calib_images, objective=args.objective,
+        objective_tolerance=args.objective_tolerance)
     try:
         return cfg.validate()
     except (ValueError, TypeError) as err:
@@ -183,4 +205,74 @@ def _demo(args: argparse.Namespace) -> int:
         raise CLIError(error_line(err)) from err
     _print_summary(args.out, time.perf_counter() - t0)
     sys.stdout.flush()
+    return 0
+
+
+def _frontier_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="NAME", help=model_help("teacher network"))
+    p.add_argument("--weights", required=True, metavar="PATH", help="teacher checkpoint (.pth or .safetensors)")
+    p.add_argument("--model-config", default=None, metavar="JSON", help="width/depth of a non-official teacher")
+    p.add_argument("--calib-data", required=True, metavar="DIR",
+                   help="calibration images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image photos)")
+    p.add_argument("--eval-data", required=True, action="append", metavar="DIR",
+                   help="evaluation set (repeat for several); the plot uses the first")
+    p.add_argument("--budgets", default="0.9,0.8,0.67,0.5,0.33", metavar="F,F,...",
+                   help="fractions of the teacher's params, each in (0, 1)")
+    p.add_argument("--method", default="prune,tucker", metavar="M,M",
+                   help="one-shot methods: prune (+ least-squares reconstruction), tucker (data-aware)")
+    p.add_argument("--importance", default="l2", metavar="l2|activation|recon", help="pruning importance")
+    p.add_argument("--calib-images", type=int, default=64, metavar="N", help="calibration LR patches (32 px)")
+    p.add_argument("--tucker-min-channels", type=int, default=16, metavar="N",
+                   help="Tucker skips convs with fewer channels")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (frontier.json/.csv/.png)")
+    p.add_argument("--resume", action="store_true", help="keep the points already in DIR/frontier.json")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure the official checkpoints (default: when the shared data is found)")
+    p.add_argument("--peers-dir", default=None, metavar="DIR", help="folder of the official checkpoints")
+    p.add_argument("--max-eval-images", type=int, default=None, metavar="N", help="at most N images per eval set")
+    p.add_argument("--runtime-trials", type=int, default=1, metavar="N", help="timed passes per model")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the calibration patches")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--y-float", action="store_true", help="PSNR-Y on unrounded luma")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _floats(text: str, arg: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{arg}: expected comma-separated numbers, got {text!r}") from None
+
+
+@command("frontier", help="one-shot data-aware students at several budgets: frontier.png/.json/.csv",
+         arguments=_frontier_args)
+def _frontier(args: argparse.Namespace) -> int:
+    from .frontier import FrontierConfig, run_frontier
+
+    cfg = FrontierConfig(model=args.model, weights=args.weights, calib_data=args.calib_data,
+                         eval_data=list(args.eval_data), out=args.out, budgets=_floats(args.budgets, "--budgets"),
+                         methods=[m.strip() for m in args.method.split(",") if m.strip()],
+                         calib_images=args.calib_images, importance=args.importance,
+                         tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
+                         resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
+                         runtime_trials=args.runtime_trials, max_eval_images=args.max_eval_images,
+                         y_round=not args.y_float, progress=not args.no_progress,
+                         model_config=_model_config(args.model_config))
+    try:
+        cfg.validate()
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+    _set_threads(args.threads)
+    try:
+        doc = run_frontier(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(error_line(err)) from err
+    first = doc["eval_sets"][0]
+    for row in doc["models"]:
+        flag = "  BELOW BICUBIC" if row.get("below_bicubic") and "BELOW" not in row["label"] else ""
+        print(f"{row['label']:<28} {row['params']:>9,} params {row['flops'] / 1e9:7.2f} G  {row['convs']:>4} convs  "
+              f"{first} PSNR-Y {row['eval'][first]['psnr_y']:.3f}{flag}")
+    print(f"bicubic {first} PSNR-Y {doc['bicubic'][first]['psnr_y']:.3f}")
+    print(f"wrote {args.out}/frontier.json, frontier.csv, frontier.png")
     return 0

@@ -79,6 +79,14 @@ class ShrinkConfig:
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: PSNR-Y/SSIM-Y on integer Y (the NTIRE/MATLAB convention); False: unrounded Y (``--y-float``)
     y_round: bool = True
+    #: data-aware path (effsr.shrink.compress): a budget, the method and its options
+    target_params: int | None = None
+    target_flops: float | None = None  #: G MACs on 3x256x256 (challenge convention)
+    method: str = "auto"
+    importance: str = "l2"
+    calib_images: int = 64
+    objective: str = "psnr"
+    objective_tolerance: float = 0.1
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self, check_files: bool = True) -> "ShrinkConfig":
@@ -122,6 +130,7 @@ class ShrinkConfig:
             raise TypeError(f"model_config must be a dict, got {type(self.model_config).__name__}")
         if not isinstance(self.y_round, bool):
             raise TypeError(f"y_round must be a bool, got {type(self.y_round).__name__}")
+        self._check_budget()
         self._check_device()
         if isinstance(self.eval_data, (str, os.PathLike)):
             self.eval_data = [str(self.eval_data)]
@@ -131,6 +140,35 @@ class ShrinkConfig:
             self._check_files()
         self._check_out()
         return self
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether a budget was given (the data-aware compress + distill stages run)."""
+        return self.target_params is not None or self.target_flops is not None
+
+    def _check_budget(self) -> None:
+        from .compress import IMPORTANCES, METHODS, OBJECTIVES
+
+        if self.target_params is not None and self.target_flops is not None:
+            raise ValueError("--target-params and --target-flops: give one budget, not both")
+        if self.target_params is not None and (not _is_int(self.target_params) or self.target_params < 1):
+            raise ValueError(f"--target-params must be an int >= 1, got {self.target_params!r}")
+        if self.target_flops is not None and (not _is_num(self.target_flops) or self.target_flops <= 0):
+            raise ValueError(f"--target-flops must be a number of G FLOPs > 0, got {self.target_flops!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"--importance: unknown importance {self.importance!r}; choose from "
+                             f"{', '.join(IMPORTANCES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective: unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if not _is_int(self.calib_images) or self.calib_images < 1:
+            raise ValueError(f"--calib-images must be an int >= 1, got {self.calib_images!r}")
+        if not _is_num(self.objective_tolerance) or self.objective_tolerance < 0:
+            raise ValueError(f"--objective-tolerance must be a number of dB >= 0, got {self.objective_tolerance!r}")
+        if self.data_aware and (float(self.prune) > 0 or self.tucker is not None):
+            raise ValueError("--target-params/--target-flops: the data-aware path replaces --prune and --tucker "
+                             "(give a budget, or the ratios of the plain weight-norm recipe, not both)")
 
     @staticmethod
     def _check_block(name: str) -> None:

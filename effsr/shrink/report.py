@@ -180,6 +180,11 @@ def markdown(data: Mapping[str, Any]) -> str:
         if name == "tucker":
             extra.append(f"keep {info.get('fraction')}: {info.get('decomposed')} conv(s) decomposed, params "
                          f"{info.get('params_before'):,} -> {info.get('params_after'):,}")
+        if name == "compress":
+            extra.append(_compress_line(info))
+        if name == "distill" and info.get("eval"):
+            extra.append("after distillation " + ", ".join(f"{k} PSNR-Y {v['psnr_y']:.3f} dB"
+                                                           for k, v in info["eval"].items()))
         ft = info.get("finetune")
         if isinstance(ft, dict) and ft.get("steps"):
             extra.append(f"{ft['steps']} distillation steps, loss {_fmt(ft.get('loss_first'), '.4g')} -> "
@@ -192,6 +197,22 @@ def markdown(data: Mapping[str, Any]) -> str:
         lines += ["", "Peers not evaluated: " + ", ".join(data["peers_skipped"])]
     lines += ["", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
+
+
+def _compress_line(info: Mapping[str, Any]) -> str:
+    """The report.md line of the data-aware compress stage: method, budget, one-shot PSNR, times."""
+    unit = "params" if info.get("budget_kind") == "params" else "FLOPs"
+    budget, got = info.get("budget") or 0, info.get("achieved") or 0
+    text = (f"data-aware {info.get('chosen')} to {unit} <= {budget:,.0f} (got {got:,.0f}); calibration "
+            f"{info.get('calib_patches')} patches of {info.get('calib_patch')} px, "
+            f"{_fmt(info.get('calibration_seconds'), '.1f')} s; one-shot in {_fmt(info.get('oneshot_seconds'), '.1f')} s")
+    cands = info.get("candidates") or {}
+    if len(cands) > 1:
+        text += "; auto candidates: " + ", ".join(
+            f"{m} held-out PSNR-Y {_fmt(c.get('held_out_psnr_y'), '.3f')} ({c.get('convs')} convs)" for m, c in cands.items())
+    if info.get("eval"):
+        text += "; one-shot " + ", ".join(f"{k} PSNR-Y {v['psnr_y']:.3f} dB" for k, v in info["eval"].items())
+    return text
 
 
 def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -143,6 +143,10 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
     device = dist_ctx.device if dist_ctx.distributed else torch.device(cfg.device)
     run_dir = Path(cfg.out)
     teacher = load_teacher(cfg).to(device).eval()
+    if cfg.data_aware:  # an unreachable budget fails here, before anything is written
+        from .compress import check_budget
+
+        check_budget(teacher, cfg.method, cfg.target_params, cfg.target_flops, cfg.tucker_min_channels)
     if train_pairs is None:
         selection = open_train_pairs(cfg.train_data, cfg.patch_size, cfg.max_train_images)
     else:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .compress import stage_compress, stage_distill
 from .config import ShrinkConfig
 from .finetune import distill_finetune
 from .recipe import add_op, load_student, new_recipe, save_student, tucker_ranks
@@ -204,7 +205,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(3, "fuse", stage_fuse),
     Stage(4, "tucker", stage_tucker, enabled=lambda cfg: cfg.tucker is not None,
           settings=("tucker", "tucker_min_channels")),
-    Stage(5, "report", stage_report, saves_student=False),
+    Stage(5, "compress", stage_compress, enabled=lambda cfg: cfg.data_aware,
+          settings=("target_params", "target_flops", "method", "importance", "calib_images", "objective",
+                    "objective_tolerance", "tucker_min_channels")),
+    Stage(6, "distill", stage_distill, enabled=lambda cfg: cfg.data_aware and cfg.steps > 0),
+    Stage(7, "report", stage_report, saves_student=False),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 

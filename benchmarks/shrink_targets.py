@@ -1,0 +1,151 @@
+"""Issue 10's targets: the official RFDN shrunk by ``effsr shrink``'s data-aware path on a CPU.
+
+    flock /tmp/effsr-cpu.lock python benchmarks/shrink_targets.py --threads 2 [--configs tucker0,prune0,...]
+
+Each configuration is one :func:`effsr.shrink.run_shrink` (the code behind ``effsr shrink``): teacher = official
+RFDN (433,448 params), calibration and distillation on T91 (LR by MATLAB-exact bicubic), evaluation on Set5
+and Set14 x4 (Y-PSNR on integer Y, the challenge convention). Recorded per configuration: wall time (whole
+run and each stage), one-shot PSNR (after the closed-form compression) and after distillation, params,
+FLOPs, activations, convs, CPU runtime, the target and the margin, the machine's load average, and a reload
+check (``load_student(student.safetensors)`` evaluated again must give the reported Set5 PSNR exactly).
+
+Configurations (``--configs``, comma-separated; results are merged into ``bench_results/shrink_targets.json``,
+a configuration already there is skipped unless ``--force``):
+
+* ``tucker0`` / ``prune0`` / ``prune0_recon``: training-free (``--steps 0``) to <= 289,888 params
+  (targets 31.75 / 31.50 / 31.50 dB Set5, <= 3 min);
+* ``auto10``: ``--method auto`` + distillation sized to ~10 min (target 31.95 dB);
+* ``auto30``: ~30 min (target 32.05 dB); ``half30``: <= 216,724 params, ~30 min (target 31.70 dB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from effsr import inference  # noqa: E402
+from effsr.shrink import ShrinkConfig, load_student  # noqa: E402
+from effsr.shrink.runner import run_shrink  # noqa: E402
+
+MEGSR_PARAMS = 289_888
+HALF_PARAMS = 216_724
+
+#: name -> (settings, Set5 target dB, time target s)
+CONFIGS: dict[str, tuple[dict, float, float]] = {
+    "tucker0": ({"method": "tucker", "target_params": MEGSR_PARAMS, "steps": 0}, 31.75, 180),
+    "prune0": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "l2"}, 31.50, 180),
+    "prune0_recon": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "recon"},
+                     31.50, 180),
+    "auto10": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 250}, 31.95, 600),
+    "tucker10": ({"method": "tucker", "target_params": MEGSR_PARAMS, "steps": 250}, 31.95, 600),
+    "auto30": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 1000}, 32.05, 1800),
+    "half30": ({"method": "auto", "target_params": HALF_PARAMS, "steps": 1000}, 31.70, 1800),
+}
+
+
+def run_one(name: str, data: Path, out_root: Path, threads: int, steps: int | None, batch: int, seed: int) -> dict:
+    settings, target_db, target_s = CONFIGS[name]
+    settings = dict(settings)
+    if steps is not None and settings["steps"]:
+        settings["steps"] = steps
+    out = out_root / name
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cfg = ShrinkConfig(model="rfdn", weights=str(data / "checkpoints" / "rfdn_aim2020.pth"),
+                       train_data=str(data / "t91"), eval_data=[str(data / "set5"), str(data / "set14")],
+                       out=str(out), batch_size=batch, seed=seed, peers=False, runtime_trials=1, progress=False,
+                       device="cpu", **settings)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    res = run_shrink(cfg)
+    wall = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    report = json.loads((out / "report.json").read_text())
+    student = next(m for m in report["models"] if m["kind"] == "student")
+    comp = res["compress"]
+    dist = res.get("distill") or {}
+    reloaded = load_student(out / "student.safetensors")
+    set5 = [v for k, v in report["stages"]["teacher"]["eval"].items() if k.endswith("set5")]
+    re5 = inference.evaluate(reloaded, _pairs(data / "set5"), progress=False)["psnr_y"]
+    rec = {
+        "settings": settings, "threads": threads, "batch_size": batch, "seed": seed,
+        "wall_seconds": round(wall, 1),
+        "stage_seconds": {k: v.get("seconds") for k, v in res.items() if isinstance(v, dict) and "seconds" in v},
+        "compress_seconds": comp.get("seconds"), "calibration_seconds": comp.get("calibration_seconds"),
+        "chosen": comp.get("chosen"),
+        "candidates": {m: {"held_out_psnr_y": c.get("held_out_psnr_y"), "params": c.get("params"),
+                           "seconds": c.get("seconds")} for m, c in comp.get("candidates", {}).items()},
+        "oneshot": {k: round(v["psnr_y"], 4) for k, v in comp["eval"].items()},
+        "distilled": {k: round(v["psnr_y"], 4) for k, v in (dist.get("eval") or {}).items()},
+        "distill_seconds": dist.get("distill_seconds"),
+        "final": {k: round(v["psnr_y"], 4) for k, v in student["eval"].items()},
+        "teacher_set5": round(set5[0]["psnr_y"], 4) if set5 else None,
+        "params": student["params"], "flops_g": round(student["flops"] / 1e9, 3),
+        "activations_m": round(student["activations"] / 1e6, 2), "convs": student["convs"],
+        "runtime_ms_cpu": student["runtime_ms"],
+        "reload_set5": round(float(re5), 4),
+        "target_set5_db": target_db, "target_seconds": target_s,
+        "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in load1],
+    }
+    s5 = next(v for k, v in rec["final"].items() if k.endswith("set5"))
+    rec["margin_db"] = round(s5 - target_db, 4)
+    rec["met"] = bool(s5 >= target_db and rec["params"] <= settings["target_params"])
+    rec["reload_matches"] = abs(rec["reload_set5"] - round(s5, 4)) < 1e-4
+    return rec
+
+
+def _pairs(folder: Path) -> list:
+    from effsr.data import SRFolder
+
+    return list(SRFolder(folder))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--configs", default="tucker0,prune0", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="override the distillation steps of trained configs")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rerun configurations already in the JSON")
+    ap.add_argument("--out", default=str(ROOT / "bench_results" / "shrink_targets.json"))
+    args = ap.parse_args()
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        raise SystemExit(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc.setdefault("results", {})
+    doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    for name in names:
+        if name in doc["results"] and not args.force:
+            print(f"{name}: already in {out} (use --force)")
+            continue
+        print(f"== {name}: {CONFIGS[name][0]}", flush=True)
+        rec = run_one(name, Path(args.data), out.parent / "shrink_targets", args.threads, args.steps,
+                      args.batch_size, args.seed)
+        doc["results"][name] = rec
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(json.dumps({k: rec[k] for k in ("wall_seconds", "compress_seconds", "chosen", "oneshot", "final",
+                                              "params", "convs", "target_set5_db", "margin_db", "met",
+                                              "reload_matches", "loadavg_before")}), flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

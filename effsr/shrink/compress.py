@@ -1,0 +1,397 @@
+"""Data-aware compression to a budget: calibration patches, one-shot pruning / Tucker, method choice.
+
+The generic work is done by the toolkits; this module only wires them to SR data and the challenge's counts:
+
+* calibration: ``n`` LR patches cut at seeded random positions from the training pairs (whose LR images
+  ``effsr.data`` makes with the MATLAB-exact bicubic), wrapped in a :class:`prune.calibration.Calibration`;
+  a further ``held_out(n)`` LR/HR patch pairs are kept aside to compare methods (``--method auto``);
+* ``prune``: filters removed to meet the budget (importance ``l2`` / ``activation`` / ``recon``), then every
+  affected conv re-solved toward the teacher in closed form (:func:`prune.reconstruct.reconstruct`);
+* ``tucker``: :func:`decompose.data_aware_tucker_model` with ranks allocated globally under the budget;
+* ``auto``: both one-shot students, then the better held-out PSNR-Y (``objective="psnr"``) or, with
+  ``objective="runtime"``, the lowest measured latency among the students within ``tolerance`` dB of the
+  best held-out PSNR-Y.
+
+Budgets: ``target_params`` (parameters, ``<=``) or ``target_flops`` (MACs on a 3x256x256 input in the
+challenge convention of :func:`effsr.metrics.profile`, ``<=``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "held_out", "calibration_patches", "make_calibration",
+           "challenge_conv_flops", "budget_of", "check_budget", "oneshot", "choose", "patch_psnr_y",
+           "PRUNE_EXAMPLE_SHAPE"]
+
+METHODS = ("prune", "tucker", "auto")
+IMPORTANCES = ("l2", "activation", "recon")
+OBJECTIVES = ("psnr", "runtime")
+#: Tracing input of the pruning graph (ESA needs >= 16 px); recorded in the recipe.
+PRUNE_EXAMPLE_SHAPE = (1, 3, 32, 32)
+#: Largest fraction of each group's filters pruning may remove while searching a budget.
+MAX_PRUNE_RATIO = 0.97
+
+
+def held_out(n: int) -> int:
+    """Held-out patches beside ``n`` calibration patches (a quarter, at least 8)."""
+    return max(8, n // 4)
+
+
+def calibration_patches(pairs: Sequence[Any], n: int, patch: int, seed: int, scale: int = 4
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (LR ``[n, 3, patch, patch]``, HR ``[n, 3, patch*scale, patch*scale]``) uint8-valued float crops
+    (0-255) at seeded random positions, cycling over the pairs (in a seeded order) whose LR image fits."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--calib-images must be an int >= 1, got {n!r}")
+    fit = [p for p in pairs if min(p.lr.shape[:2]) >= patch]
+    if not fit:
+        raise ValueError(f"--calib-images: no training image has an LR side >= {patch} px")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(fit))
+    lrs, hrs = [], []
+    for i in range(n):
+        p = fit[order[i % len(fit)]]
+        lr = p.lr if p.lr.ndim == 3 else np.repeat(p.lr[..., None], 3, axis=2)
+        hr = p.hr if p.hr.ndim == 3 else np.repeat(p.hr[..., None], 3, axis=2)
+        y = int(rng.integers(0, lr.shape[0] - patch + 1))
+        x = int(rng.integers(0, lr.shape[1] - patch + 1))
+        lrs.append(torch.from_numpy(np.ascontiguousarray(lr[y:y + patch, x:x + patch])).permute(2, 0, 1))
+        hrs.append(torch.from_numpy(np.ascontiguousarray(
+            hr[y * scale:(y + patch) * scale, x * scale:(x + patch) * scale])).permute(2, 0, 1))
+    return torch.stack(lrs).float(), torch.stack(hrs).float()
+
+
+def make_calibration(lr: torch.Tensor, input_range: float, seed: int, batch_size: int = 8) -> Any:
+    """A :class:`prune.calibration.Calibration` of 0-255 LR patches rescaled to the network's input range."""
+    from prune.calibration import Calibration
+
+    return Calibration(lr / 255.0 * float(input_range), batch_size=batch_size, input_range=float(input_range),
+                       seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------ counts
+def challenge_conv_flops(conv: nn.Conv2d, in_hw: tuple[int, int]) -> float:
+    """MACs of one conv on an ``in_hw`` input, counted by :mod:`effsr.metrics`' challenge convention
+    (the ``flops_fn`` the toolkits' budgets take)."""
+    from reparam.utils.flops import count_macs
+
+    from effsr.metrics import CHALLENGE_CONVENTION
+
+    x = torch.empty((1, conv.in_channels, int(in_hw[0]), int(in_hw[1])), device="meta")
+    shell = conv if conv.weight.device.type == "meta" else copy.deepcopy(conv).to("meta")
+    return float(count_macs(shell, x, convention=CHALLENGE_CONVENTION).macs)
+
+
+def _conv_only_flops(model: nn.Module) -> int:
+    """Challenge MACs of the model's convs alone (3x256x256 input)."""
+    from reparam.utils.flops import MacConvention, profile_macs
+
+    from effsr.metrics import CHALLENGE_CONVENTION
+
+    only = MacConvention(convs=CHALLENGE_CONVENTION.convs, linears=(), activations=(), norms=())
+    return int(profile_macs(model, (3, 256, 256), convention=only).macs)
+
+
+def budget_of(model: nn.Module, kind: str) -> float:
+    """``params`` or challenge ``flops`` (MACs, 3x256x256) of ``model``."""
+    from effsr import metrics
+
+    if kind == "params":
+        return float(metrics.count_params(model))
+    return float(metrics.profile(model).flops)
+
+
+def _budget(target_params: int | None, target_flops: float | None) -> tuple[str, float, str]:
+    if (target_params is None) == (target_flops is None):
+        raise ValueError("give exactly one of --target-params or --target-flops")
+    if target_params is not None:
+        return "params", float(target_params), "--target-params"
+    return "flops", float(target_flops) * 1e9, "--target-flops"
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+def _prune_at(student: nn.Module, ratio: float, importance: Any = None) -> nn.Module:
+    import prune
+
+    example = torch.zeros(PRUNE_EXAMPLE_SHAPE, device=next(student.parameters()).device)
+    return prune.l2_filter_prune(student, example, ratio, steps=1, importance=importance, flops_input_size=None,
+                                 progress=False)
+
+
+def _min_pruned(student: nn.Module, kind: str) -> float:
+    return budget_of(_prune_at(student, MAX_PRUNE_RATIO), kind)
+
+
+def _tucker_min_params(student: nn.Module, min_channels: int) -> float:
+    """Parameters if every decomposable 3x3 conv went to ranks (1, 1) (the Tucker path's floor)."""
+    from decompose import conv_params, eligible_convs, tucker_params
+
+    total = float(sum(p.numel() for p in student.parameters()))
+    for _, conv in eligible_convs(student):
+        cout, cin, kh, kw = conv.weight.shape
+        if conv.groups != 1 or (kh, kw) == (1, 1) or min(cin, cout) < min_channels:
+            continue
+        b = conv.bias is not None
+        total -= conv_params(cout, cin, kh, kw, b) - tucker_params(cout, cin, kh, kw, b, 1, 1)
+    return total
+
+
+def check_budget(student: nn.Module, method: str, target_params: int | None, target_flops: float | None,
+                 min_channels: int = 16) -> list[str]:
+    """Check the budget against ``student`` before any work; returns the methods that can meet it
+    (``ValueError`` naming the option when it is not below the model's size or no method reaches it)."""
+    kind, target, arg = _budget(target_params, target_flops)
+    have = budget_of(student, kind)
+    unit = "params" if kind == "params" else "G FLOPs"
+    show = (lambda v: f"{v:,.0f}") if kind == "params" else (lambda v: f"{v / 1e9:.3f}")
+    if target >= have:
+        raise ValueError(f"{arg}: {show(target)} {unit} is not below the model's {show(have)} {unit}: "
+                         "nothing to compress")
+    methods = ["prune", "tucker"] if method == "auto" else [method]
+    ok, why = [], []
+    for m in methods:
+        if m == "prune":
+            floor = _min_pruned(student, kind)
+        elif kind == "params":
+            floor = _tucker_min_params(student, min_channels)
+        else:  # a FLOPs floor needs the conv sizes: the allocation itself reports an unreachable budget
+            ok.append(m)
+            continue
+        if target >= floor:
+            ok.append(m)
+        else:
+            why.append(f"{m} reaches at best {show(floor)}")
+    if not ok:
+        raise ValueError(f"{arg}: {show(target)} {unit} cannot be reached ({'; '.join(why)})")
+    return ok
+
+
+def _search_ratio(student: nn.Module, kind: str, target: float) -> float:
+    """Smallest uniform pruning ratio (bisection, L2 cuts: the counts depend on the ratio only) meeting ``target``."""
+    lo, hi = 0.0, MAX_PRUNE_RATIO
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if budget_of(_prune_at(student, mid), kind) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _importance(name: str, calib: Any) -> Any:
+    import prune
+    from prune.importance import ReconstructionImportance
+
+    if name == "l2":
+        return prune.L2FilterImportance()
+    if name == "activation":
+        return prune.ActivationImportance(torch.cat(calib.batches)[:16])
+    if name == "recon":
+        return ReconstructionImportance(calib)
+    raise ValueError(f"--importance: unknown importance {name!r}; choose from {', '.join(IMPORTANCES)}")
+
+
+def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str, target: float, importance: str,
+                  reconstruct: bool = True, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``student`` (a copy) to ``target`` with ``importance``, then reconstruct toward ``teacher``."""
+    from prune import HISTORY_ATTR
+    from prune.reconstruct import reconstruct as recon
+
+    t0 = time.perf_counter()
+    ratio = _search_ratio(student, kind, target)
+    imp = _importance(importance, calib)
+    pruned = None
+    for _ in range(20):  # a non-L2 importance may cut whole PixelShuffle atoms differently: re-check the count
+        pruned = _prune_at(student, ratio, imp)
+        if budget_of(pruned, kind) <= target or ratio >= MAX_PRUNE_RATIO:
+            break
+        ratio = min(MAX_PRUNE_RATIO, ratio + 0.005)
+    t_prune = time.perf_counter() - t0
+    info: dict[str, Any] = {"method": "prune", "importance": importance, "ratio": round(ratio, 6),
+                            "history": getattr(pruned, HISTORY_ATTR), "prune_seconds": round(t_prune, 3)}
+    if reconstruct:
+        rep = recon(pruned, teacher, calib, progress=progress)
+        info["reconstruction"] = {"layers": len(rep.layers), "passes": rep.passes, "seconds": round(rep.seconds, 3),
+                                  "compensated": len(rep.compensated), "ridge": rep.ridge,
+                                  "per_layer": [{"name": f.name, "in": [f.in_kept, f.in_total],
+                                                 "out": [f.out_kept, f.out_total],
+                                                 "error_before": f.error_before, "error_after": f.error_after}
+                                                for f in rep.layers]}
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return pruned.eval(), info
+
+
+def oneshot_tucker(student: nn.Module, teacher: nn.Module, calib: Any, kind: str, target: float,
+                   min_channels: int = 16, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Data-aware Tucker-2 of ``student`` (a copy) to ``target``, fitted to ``teacher``."""
+    from decompose import data_aware_tucker_model
+
+    t0 = time.perf_counter()
+    kw: dict[str, Any]
+    if kind == "params":
+        kw = {"target_params": int(target)}
+    else:  # the toolkit's budget counts convs only; the rest (activations) does not change under Tucker
+        other = budget_of(student, "flops") - _conv_only_flops(student)
+        kw = {"target_flops": max(target - other, 1.0), "flops_fn": challenge_conv_flops,
+              "flops_input_size": (256, 256)}
+    dec, report = data_aware_tucker_model(student, calib, teacher=teacher, min_channels=min_channels,
+                                          progress=progress, **kw)
+    from .recipe import tucker_ranks
+
+    layers = [{"name": r.name, "status": r.status, "rank_out": r.rank_out, "rank_in": r.rank_in,
+               "params_before": r.params_before, "params_after": r.params_after,
+               "calib_error_before": getattr(r, "calib_error_before", None),
+               "calib_error_after": getattr(r, "calib_error_after", None)} for r in report]
+    info = {"method": "tucker", "ranks": tucker_ranks(dec), "layers": layers, "budget": report.budget,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return dec.eval(), info
+
+
+def oneshot(method: str, student: nn.Module, teacher: nn.Module, calib: Any, target_params: int | None,
+            target_flops: float | None, importance: str = "l2", min_channels: int = 16,
+            progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """One-shot (training-free) student by ``method`` (``prune`` or ``tucker``) meeting the budget (``<=``)."""
+    kind, target, arg = _budget(target_params, target_flops)
+    if method == "prune":
+        model, info = oneshot_prune(student, teacher, calib, kind, target, importance, progress=progress)
+    elif method == "tucker":
+        try:
+            model, info = oneshot_tucker(student, teacher, calib, kind, target, min_channels, progress=progress)
+        except ValueError as err:
+            raise ValueError(f"{arg}: {err}") from err
+    else:
+        raise ValueError(f"--method: unknown method {method!r}; choose from prune, tucker (or auto)")
+    got = budget_of(model, kind)
+    if got > target:
+        raise ValueError(f"{arg}: {method} reached {got:,.0f}, above the budget {target:,.0f}")
+    info.update({"budget_kind": kind, "budget": target, "achieved": got})
+    return model, info
+
+
+# ------------------------------------------------------------------------------------------ method choice
+@torch.no_grad()
+def patch_psnr_y(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, scale: int = 4, y_round: bool = True) -> float:
+    """Mean PSNR-Y (``scale`` px shaved; integer Y unless ``y_round=False``) of ``model`` on 0-255 LR/HR
+    patch tensors."""
+    from effsr import quality
+    from effsr.inference import to_uint8
+
+    rng = float(getattr(model, "input_range", 255.0))
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    vals = []
+    try:
+        for i in range(0, lr.shape[0], 8):
+            out = model((lr[i:i + 8] / 255.0 * rng).to(dev)).cpu()
+            for j in range(out.shape[0]):
+                sr = to_uint8(out[j:j + 1], rng)
+                ref = hr[i + j].permute(1, 2, 0).numpy().astype(np.uint8)
+                vals.append(quality.psnr(sr, ref, shave=scale, y_channel=True, y_round=y_round))
+    finally:
+        model.train(was)
+    finite = [v for v in vals if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("inf")
+
+
+def choose(candidates: dict[str, dict[str, Any]], objective: str, tolerance: float) -> str:
+    """The method to keep: best ``held_out_psnr_y``; with ``objective="runtime"`` the lowest ``runtime_ms``
+    among those within ``tolerance`` dB of the best."""
+    best = max(c["held_out_psnr_y"] for c in candidates.values())
+    if objective == "psnr":
+        return max(candidates, key=lambda m: (candidates[m]["held_out_psnr_y"], m == "prune"))
+    near = [m for m, c in candidates.items() if c["held_out_psnr_y"] >= best - tolerance]
+    return min(near, key=lambda m: candidates[m]["runtime_ms"])
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[str, nn.Module, dict[str, Any]]:
+    from effsr import metrics
+
+    cfg = state.cfg
+    base = state.student.to(state.device).eval()
+    teacher = state.teacher.to(state.device).eval()
+    built: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    for m in methods:
+        model, info = oneshot(m, base, teacher, calib, cfg.target_params, cfg.target_flops,
+                              importance=cfg.importance, min_channels=cfg.tucker_min_channels,
+                              progress=cfg.progress)
+        info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
+        prof = metrics.profile(model)
+        info.update({"params": prof.params, "flops": prof.flops, "activations": prof.activations,
+                     "convs": prof.convs})
+        if len(methods) > 1 and cfg.objective == "runtime":
+            first = next(iter(state.eval_sets.values()))
+            info["runtime_ms"] = metrics.runtime(model, [p.lr for p in first[:2]], device=state.device,
+                                                 trials=cfg.runtime_trials, warmup=1)["ms_per_image"]
+        state.log(f"one-shot {m}: {prof.params:,} params, {prof.flops / 1e9:.2f} G FLOPs, "
+                  f"{prof.activations / 1e6:.1f} M acts, {prof.convs} convs; held-out patches PSNR-Y "
+                  f"{info['held_out_psnr_y']:.3f} dB ({info['seconds']:.1f} s)")
+        built[m] = (model, info)
+    pick = methods[0] if len(methods) == 1 else choose({m: i for m, (_, i) in built.items()}, cfg.objective,
+                                                      cfg.objective_tolerance)
+    cands = {m: {k: v for k, v in i.items() if k not in ("history", "ranks", "layers")} for m, (_, i) in built.items()}
+    return pick, built[pick][0], {"candidates": cands, **built[pick][1]}
+
+
+def stage_compress(state: Any) -> dict[str, Any]:
+    """Data-aware compression to ``--target-params`` / ``--target-flops`` (no gradient step)."""
+    from .recipe import add_op
+    from .stages import PRUNE_INPUT_SHAPE, evaluate_all
+
+    cfg = state.cfg
+    t0 = time.perf_counter()
+    methods = check_budget(state.student, cfg.method, cfg.target_params, cfg.target_flops,
+                           cfg.tucker_min_channels)
+    if cfg.method == "auto" and len(methods) < 2:
+        state.log(f"auto: only {methods[0]} can reach the budget")
+    patch = min(32, int(state.patch_size))
+    n = int(cfg.calib_images)
+    lr, hr = calibration_patches(state.train_pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
+    rng = float(getattr(state.teacher, "input_range", 255.0))
+    calib = make_calibration(lr[:n], rng, cfg.seed)
+    held = (lr[n:], hr[n:]) if len(methods) > 1 else (lr[:n], hr[:n])
+    t_calib = time.perf_counter() - t0
+    state.log(f"calibration: {n} LR patches of {patch} px from the training data "
+              f"({held[0].shape[0]} held out)" if len(methods) > 1 else
+              f"calibration: {n} LR patches of {patch} px from the training data")
+    pick, model, info = _run_candidates(state, methods, calib, held)
+    if pick == "prune":
+        if list(PRUNE_EXAMPLE_SHAPE) != list(PRUNE_INPUT_SHAPE):  # pragma: no cover - one tracing shape
+            raise RuntimeError("tracing shapes differ")
+        state.recipe = add_op(state.recipe, {"op": "prune", "history": info["history"],
+                                             "input_shape": list(PRUNE_EXAMPLE_SHAPE), "budget": info["budget"],
+                                             "importance": cfg.importance, "reconstructed": True})
+    else:
+        state.recipe = add_op(state.recipe, {"op": "tucker", "ranks": info["ranks"], "data_aware": True})
+    if len(methods) > 1:
+        state.log(f"auto ({cfg.objective}): chose {pick}")
+    state.student = model
+    info = {k: v for k, v in info.items() if k != "history"}
+    info.update({"chosen": pick, "calibration_seconds": round(t_calib, 3),
+                 "oneshot_seconds": round(time.perf_counter() - t0, 3), "calib_patches": n, "calib_patch": patch})
+    if state.main:
+        info["eval"] = evaluate_all(state, model, f"one-shot {pick}")
+    return info
+
+
+def stage_distill(state: Any) -> dict[str, Any]:
+    """Distillation of the compressed student (``--steps``), then its PSNR."""
+    from .finetune import distill_finetune
+    from .stages import evaluate_all
+
+    t0 = time.perf_counter()
+    ft = distill_finetune(state, state.student, state.cfg.steps, state.finetune_seed(), "distill")
+    state.student = state.student.eval()
+    info: dict[str, Any] = {"finetune": ft, "distill_seconds": round(time.perf_counter() - t0, 3)}
+    if state.main:
+        info["eval"] = evaluate_all(state, state.student, "after distillation")
+    return info
