@@ -10,7 +10,7 @@
 See docs/prune.md.
 """
 from .core import HISTORY_ATTR, REPORT_ATTR, l2_filter_prune
-from .finetune import fresh_optimizer, sr_finetune
+from .finetune import fresh_optimizer
 from .graph import PixelShuffleIndexError, SRDependencyGraph, build_graph
 from .importance import ActivationImportance, L2FilterImportance
 from .io import load, read_history, save
@@ -18,10 +18,14 @@ from .rep import RepSlicer, branch_slicer, get_slicer, register_rep_block
 from .report import PruneReport, StepReport, channels_per_layer
 from .schedule import agp, linear
 from .calibration import Calibration, ConvStats, im2col
+from .reconstruct import ReconstructionReport, kept_channels, reconstruct
+from .budget import BudgetReport, mac_count, prune_to_budget
+from .importance import ReconstructionImportance
 
 __all__ = [
     "l2_filter_prune", "save", "load", "read_history", "L2FilterImportance", "ActivationImportance", "PruneReport", "StepReport",
     "channels_per_layer", "register_rep_block", "branch_slicer", "get_slicer", "RepSlicer", "build_graph", "SRDependencyGraph", "PixelShuffleIndexError",
-    "fresh_optimizer", "sr_finetune", "agp", "linear", "HISTORY_ATTR", "REPORT_ATTR",
-    "Calibration", "ConvStats", "im2col",
+    "fresh_optimizer", "agp", "linear", "HISTORY_ATTR", "REPORT_ATTR",
+    "Calibration", "ConvStats", "im2col", "reconstruct", "kept_channels", "ReconstructionReport",
+    "prune_to_budget", "BudgetReport", "mac_count", "ReconstructionImportance",
 ]

@@ -334,12 +334,23 @@ class Calibration:
             ``[0, input_range]``, or all below 1/32 of it (a ``[0, 1]`` image fed to a ``0-255`` net),
             raise ``ValueError``.
         channels: if given, the number of input channels the networks expect.
+        rows_per_batch: if given, each layer's statistics use at most this many rows (output pixels)
+            of each batch: a fixed random subset drawn with ``seed`` (the same rows for the student
+            and the teacher). Bounds the cost of ``X^T X`` on large inputs.
+        seed: seed of that subset (results are deterministic for a seed).
     """
 
     def __init__(self, inputs: Tensor | Sequence[Tensor], batch_size: int = 8, *,
-                 input_range: float | None = None, channels: int | None = None) -> None:
+                 input_range: float | None = None, channels: int | None = None,
+                 rows_per_batch: int | None = None, seed: int = 0) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if rows_per_batch is not None and (isinstance(rows_per_batch, bool) or not isinstance(rows_per_batch, int)
+                                           or rows_per_batch < 1):
+            raise ValueError(f"rows_per_batch must be None or an int >= 1, got {rows_per_batch!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.rows_per_batch, self.seed = rows_per_batch, seed
         batches = _as_batches(inputs, batch_size)
         c = batches[0].shape[1]
         if channels is not None and c != channels:
@@ -372,6 +383,13 @@ class Calibration:
     def num_batches(self) -> int:
         return len(self.batches)
 
+    def _rows(self, batch: int, n: int, device: torch.device) -> Tensor | None:
+        """The fixed row subset of batch ``batch`` for a layer with ``n`` rows (None: all rows)."""
+        if self.rows_per_batch is None or n <= self.rows_per_batch:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch * 7919 + n)
+        return torch.randperm(n, generator=g)[: self.rows_per_batch].sort().values.to(device)
+
     # ---------------------------------------------------------------- forward helpers
     @staticmethod
     def _run(model: nn.Module, x: Tensor) -> None:
@@ -403,7 +421,8 @@ class Calibration:
 
     def collect(self, student: nn.Module, names: Sequence[str], teacher: nn.Module | None = None,
                 targets: Mapping[str, str] | None = None,
-                out_index: Mapping[str, Sequence[int] | Tensor] | None = None) -> dict[str, ConvStats]:
+                out_index: Mapping[str, Sequence[int] | Tensor] | None = None,
+                teacher_inputs: Sequence[Tensor] | None = None) -> dict[str, ConvStats]:
         """:class:`ConvStats` of the student convs ``names`` (see the module docstring).
 
         Args:
@@ -412,6 +431,8 @@ class Calibration:
             teacher: the network whose outputs form ``Y``; None: the student's own conv outputs.
             targets: ``{name: teacher module name}`` for ``Y`` (default the same name).
             out_index: ``{name: teacher output channels}`` kept by the student conv (default all).
+            teacher_inputs: batches fed to the teacher instead of the calibration batches (one per
+                calibration batch; used to run a teacher *block* on its own cached inputs).
         """
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
@@ -476,6 +497,8 @@ class Calibration:
                     raise _Stop
             return hook
 
+        if teacher_inputs is not None and len(teacher_inputs) != len(self.batches):
+            raise ValueError(f"teacher_inputs: {len(teacher_inputs)} batches for {len(self.batches)} calibration batches")
         models = [student] + ([teacher] if teacher is not None else [])
         flags = {m: m.training for net in models for m in net.modules()}
         handles = [smods[n].register_forward_hook(s_hook(n)) for n in names]
@@ -488,13 +511,18 @@ class Calibration:
                 cur_x.clear()
                 cur_y.clear()
                 if teacher is not None:
-                    self._run(teacher, x)
+                    self._run(teacher, x if teacher_inputs is None else teacher_inputs[b])
                 self._run(student, x)
                 missing = [n for n in names if n not in cur_x or n not in cur_y]
                 if missing:
                     raise ValueError(f"names: {missing} did not run in the forward pass (batch {b})")
                 for n in names:
-                    stats[n].update(cur_x[n], cur_y[n])
+                    cols, y = cur_x[n], cur_y[n]
+                    y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.dim() == 4 else y
+                    rows = self._rows(b, cols.shape[1], cols.device)
+                    if rows is not None:
+                        cols, y = cols.index_select(1, rows), y.index_select(0, rows.to(y.device))
+                    stats[n].update(cols, y)
         finally:
             for h in handles:
                 h.remove()
@@ -503,6 +531,81 @@ class Calibration:
             cur_x.clear()
             cur_y.clear()
         return stats
+
+    @torch.no_grad()
+    def module_inputs(self, model: nn.Module, name: str) -> list[Tensor]:
+        """The first positional input of module ``name`` on each calibration batch (the forward stops
+        there). ``O(N)`` memory: used to run one block at a time."""
+        mods = dict(model.named_modules())
+        if name not in mods:
+            raise ValueError(f"name: no module {name!r} in the model")
+        got: list[Tensor] = []
+
+        def pre(_m: nn.Module, inp: tuple[Any, ...]) -> None:
+            got.append(inp[0].detach())
+            raise _Stop
+
+        h = mods[name].register_forward_pre_hook(pre)
+        flags = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            out = []
+            for b, x in enumerate(self.batches):
+                got.clear()
+                self._run(model, x)
+                if not got:
+                    raise ValueError(f"name: {name!r} did not run in the forward pass (batch {b})")
+                out.append(got[0])
+        finally:
+            h.remove()
+            for m, t in flags.items():
+                m.training = t
+        return out
+
+    def derived(self, batches: Sequence[Tensor]) -> "Calibration":
+        """A calibration over other batches (e.g. a block's cached inputs) with the same row subsets."""
+        if len(batches) != len(self.batches):
+            raise ValueError(f"batches: {len(batches)} batches for {len(self.batches)} calibration batches")
+        new = object.__new__(Calibration)
+        new.batches = list(batches)
+        new.input_range, new.rows_per_batch, new.seed = None, self.rows_per_batch, self.seed
+        return new
+
+    @torch.no_grad()
+    def input_means(self, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+        """``{name: [G, D]}``: mean im2col feature of each conv's input over all calibration rows
+        (one forward per batch; float64). Cheap: no ``X^T X``."""
+        mods = dict(model.named_modules())
+        names = list(dict.fromkeys(names))
+        for n in names:
+            if n not in mods:
+                raise ValueError(f"names: no module {n!r} in the model")
+        geos = {n: conv_geometry(mods[n]) for n in names}
+        sums = {n: torch.zeros(geos[n].groups, geos[n].features, dtype=torch.float64) for n in names}
+        counts = dict.fromkeys(names, 0)
+
+        def hook(n: str):
+            def h(_m: nn.Module, inp: tuple[Any, ...], _out: Any) -> None:
+                cols = im2col(inp[0].detach(), geos[n])
+                sums[n] += cols.to(torch.float64).sum(1).cpu()
+                counts[n] += cols.shape[1]
+            return h
+
+        handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+        flags = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            for x in self.batches:
+                self._run(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, t in flags.items():
+                m.training = t
+        missing = [n for n in names if counts[n] == 0]
+        if missing:
+            raise ValueError(f"names: {missing} did not run in the forward pass")
+        return {n: sums[n] / counts[n] for n in names}
 
     def execution_order(self, model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
         """Names of the modules (default: every conv-like module) in the order they first run on

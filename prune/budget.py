@@ -1,0 +1,449 @@
+"""Pruning to a parameter or FLOPs budget, with per-group ratios chosen globally from sensitivity.
+
+:func:`prune_to_budget` ranks the channels of every prunable group with an importance (L2, activation
+or reconstruction error), measures each group's *sensitivity* -- the relative output error of the
+network on calibration inputs when the lowest-ranked fraction ``rho`` of that group alone is removed
+(simulated exactly by zeroing the removed channels at every consumer, so no copy is built) for a grid
+of ``rho`` -- and then removes channels greedily where the error per saved parameter (or FLOP) is
+lowest, until the budget is met. The result is pruned for real and counted; while it is above the
+budget the allocation is repeated with the shortfall added, so the returned model meets the budget
+(``<=``). The report says what every group got.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from reparam import RepBlock
+
+from .calibration import Calibration
+from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, _choose, _ignored_as_names, _resolve_ignored
+from .graph import build_graph, channel_atoms, locked_reason
+from .importance import L2FilterImportance
+
+__all__ = ["prune_to_budget", "mac_count", "BudgetReport", "GroupAllocation", "DEFAULT_GRID"]
+
+#: Fractions of each group at which the sensitivity is measured.
+DEFAULT_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+_ROOTS = (nn.Conv2d, nn.Linear, RepBlock)
+
+
+@dataclass
+class GroupAllocation:
+    """What one group got: ``kept`` of ``channels``, and its measured sensitivity curve."""
+
+    name: str
+    channels: int
+    kept: int
+    grid: list[float]
+    sensitivity: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 - self.kept / self.channels
+
+
+@dataclass
+class BudgetReport:
+    target_params: int | None
+    target_flops: int | None
+    params_before: int
+    params: int
+    flops_before: int | None
+    flops: int | None
+    importance: str
+    groups: list[GroupAllocation] = field(default_factory=list)
+    locked: dict[str, str] = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for g, a in zip(d["groups"], self.groups):
+            g["ratio"] = a.ratio
+        return d
+
+    def summary(self) -> str:
+        lines = [f"budget: params {self.params_before:,} -> {self.params:,} (target {self.target_params})"
+                 + (f", FLOPs {self.flops_before:,} -> {self.flops:,} (target {self.target_flops})"
+                    if self.flops is not None else "") + f"; {self.iterations} allocation rounds, "
+                 f"{self.seconds:.1f} s; importance {self.importance}"]
+        for g in self.groups:
+            lines.append(f"  {g.name:<28} keeps {g.kept:>4}/{g.channels:<4} ({g.ratio:.0%} removed)")
+        for n, why in self.locked.items():
+            lines.append(f"  {n:<28} locked: {why}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- counting
+def mac_count(model: nn.Module, input_size: Sequence[int] = (3, 256, 256)) -> int:
+    """Plain multiply-accumulate count of one ``input_size`` image: every ``nn.Conv2d`` / ``nn.Linear``
+    (a ``RepBlock`` counts as its fused conv; the convs inside it are not counted)."""
+    total = 0
+    inside: set[int] = {id(m) for b in model.modules() if isinstance(b, RepBlock) for m in b.modules() if m is not b}
+
+    def hook(m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        if id(m) in inside:
+            return
+        o = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(m, nn.Linear):
+            total += o.numel() * m.in_features
+        else:
+            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+            total += o.numel() * (m.in_channels // m.groups) * k[0] * k[1]
+
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, RepBlock))]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    flags = {m: m.training for m in model.modules()}
+    p = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size), dtype=p.dtype, device=p.device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags.items():
+            m.training = t
+    return int(total)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_target(name: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
+    return int(v)
+
+
+# ------------------------------------------------------------------------------------ group model
+class _Group:
+    """One prunable group: removal order (atoms by importance) and per-channel costs."""
+
+    def __init__(self, dg: Any, group: Any, imp: torch.Tensor, per_param: float, per_flop: float) -> None:
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        self.name = dg.module_name(root)
+        self.is_out = bool(dg.is_out_channel_pruning_fn(fn))
+        self.n = len(imp)
+        self.atoms = channel_atoms(group)
+        order = sorted(self.atoms, key=lambda a: (float(imp[a].mean()), a[0]))
+        self.order = [c for a in order for c in a]       # removal order of root channels
+        self.imp = imp
+        self.per_param, self.per_flop = per_param, per_flop
+        self.consumers: list[tuple[nn.Module, list[int], list[int]]] = []   # (conv, input idxs, roots)
+        for item in group:
+            layer, h = item.dep.target.module, item.dep.handler
+            if item.root_idxs is None or not dg.is_in_channel_pruning_fn(h):
+                continue
+            if isinstance(layer, (nn.Conv2d, nn.Linear, RepBlock)):
+                pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs) if r is not None]
+                self.consumers.append((layer, [i for i, _ in pairs], [r for _, r in pairs]))
+        self.grid: list[float] = []
+        self.curve: list[float] = []
+
+    def max_remove(self, max_ratio: float) -> int:
+        return max(0, min(self.n - 1, int(math.floor(self.n * max_ratio))))
+
+    def error_at(self, k: float) -> float:
+        """Interpolated sensitivity after removing ``k`` channels."""
+        xs = [0.0] + [r * self.n for r in self.grid]
+        ys = [0.0] + self.curve
+        if k >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
+            return ys[-1] + slope * (k - xs[-1])
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if k <= x1:
+                return y0 + (y1 - y0) * (k - x0) / max(x1 - x0, 1e-9)
+        return ys[-1]
+
+
+@torch.no_grad()
+def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor],
+                  ref: list[torch.Tensor]) -> float:
+    """Relative output error with the first ``k`` channels of ``g`` removed (zeroed at its consumers)."""
+    gone = set(g.order[:k])
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for layer, idxs, roots in g.consumers:
+            cols = [i for i, r in zip(idxs, roots) if r in gone]
+            if not cols:
+                continue
+            if isinstance(layer, RepBlock):
+                w, b = layer.fused_kernel()
+                saved.append((layer, copy.deepcopy(layer.state_dict())))
+                w = w.detach().clone()
+                w[:, cols] = 0
+                layer.load_kernel(w, b.detach() if b is not None else None)
+            else:
+                saved.append((layer, layer.weight.detach().clone()))
+                if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                    layer.weight[cols] = 0       # depthwise: input channel i is filter i
+                else:
+                    layer.weight[:, cols] = 0
+        num = den = 0.0
+        for x, y in zip(inputs, ref):
+            out = model(x)
+            num += float((out - y).double().pow(2).sum())
+            den += float(y.double().pow(2).sum())
+        return num / max(den, 1e-300)
+    finally:
+        for layer, s in reversed(saved):
+            if isinstance(layer, RepBlock):
+                layer.load_state_dict(s)
+            else:
+                layer.weight.copy_(s)
+
+
+def _per_channel_cost(dg: Any, group: Any, shapes: dict[int, tuple[int, int]]) -> tuple[float, float]:
+    """Parameters and MACs (per image of the counting size) one root channel of ``group`` carries,
+    summed over every layer the group slices (an estimate: overlaps between groups are ignored)."""
+    n_root = len(group[0].root_idxs if group[0].root_idxs is not None else group[0].idxs)
+    params = flops = 0.0
+    for item in group:
+        layer, h = item.dep.target.module, item.dep.handler
+        if not isinstance(layer, nn.Module) or item.root_idxs is None:
+            continue
+        n = len(item.idxs)
+        own = sum(p.numel() for p in layer.parameters())
+        if isinstance(layer, (nn.Conv2d, RepBlock)):
+            out_c, in_c = layer.out_channels, layer.in_channels
+            k = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
+            per_mac = shapes.get(id(layer), (0, 0))[1]                   # output pixels
+            if dg.is_out_channel_pruning_fn(h):
+                params += n * own / out_c
+                flops += n * per_mac * (in_c // layer.groups) * k[0] * k[1]
+            if dg.is_in_channel_pruning_fn(h) and not dg.is_out_channel_pruning_fn(h):
+                params += n * own / in_c
+                flops += n * per_mac * (out_c // layer.groups) * k[0] * k[1]
+        elif isinstance(layer, nn.Linear):
+            if dg.is_out_channel_pruning_fn(h):
+                params += n * own / layer.out_features
+            else:
+                params += n * own / layer.in_features
+        elif own and dg.is_out_channel_pruning_fn(h):            # BatchNorm, PReLU, ...
+            params += n * own / max(getattr(layer, "num_features", n_root), 1)
+    return params / max(n_root, 1), flops / max(n_root, 1)
+
+
+def _output_pixels(model: nn.Module, input_size: Sequence[int]) -> dict[int, tuple[int, int]]:
+    shapes: dict[int, tuple[int, int]] = {}
+
+    def hook(m: nn.Module, _i: Any, out: Any) -> None:
+        o = out[0] if isinstance(out, (tuple, list)) else out
+        shapes[id(m)] = (o.shape[1], int(o[0, 0].numel()))
+
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, RepBlock))]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    p = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size), dtype=p.dtype, device=p.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+# ------------------------------------------------------------------------------------ main entry
+def prune_to_budget(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    calibration: Calibration,
+    *,
+    target_params: int | None = None,
+    target_flops: int | None = None,
+    flops_fn: Callable[[nn.Module], int] | None = None,
+    flops_input_size: Sequence[int] = (3, 256, 256),
+    importance: Callable[[Any], torch.Tensor | None] | None = None,
+    ignored_layers: Iterable[nn.Module | str] | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    max_ratio: float = 0.75,
+    sensitivity_batches: int = 1,
+    max_rounds: int = 12,
+    progress: bool = False,
+) -> nn.Module:
+    """Prune a copy of ``model`` to at most ``target_params`` parameters (and/or ``target_flops``).
+
+    Args:
+        model: any conv network (not modified).
+        example_inputs: one tracing batch (as for :func:`prune.l2_filter_prune`).
+        calibration: inputs for the sensitivities (the first ``sensitivity_batches`` batches) and for
+            data-driven importances.
+        target_params / target_flops: the budget (at least one); the result is ``<=`` each.
+        flops_fn: ``fn(model) -> FLOPs`` for ``target_flops`` (default :func:`mac_count` on
+            ``flops_input_size``; pass e.g. a profiler of your own convention).
+        importance: ranks channels within each group (default :class:`prune.L2FilterImportance`;
+            :class:`prune.ActivationImportance`, :class:`prune.ReconstructionImportance`).
+        ignored_layers: as for :func:`prune.l2_filter_prune`.
+        grid: fractions of a group at which its sensitivity is measured.
+        max_ratio: no group loses more than this fraction of its channels.
+        max_rounds: allocation rounds before giving up (``ValueError`` naming the target).
+
+    Returns:
+        The pruned model with ``.pruning_history`` (replayable by :func:`prune.load` and usable by
+        :func:`prune.reconstruct`) and ``.pruning_report`` (:class:`BudgetReport`).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise TypeError("example_inputs must be a torch.Tensor (one NCHW batch)")
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a prune.calibration.Calibration, got {type(calibration).__name__}")
+    target_params = _check_target("target_params", target_params)
+    target_flops = _check_target("target_flops", target_flops)
+    if target_params is None and target_flops is None:
+        raise ValueError("target_params / target_flops: give at least one budget")
+    if flops_fn is not None and not callable(flops_fn):
+        raise TypeError("flops_fn must be a callable model -> FLOPs")
+    if not (isinstance(max_ratio, (int, float)) and 0 < max_ratio < 1):
+        raise ValueError(f"max_ratio must be in (0, 1), got {max_ratio!r}")
+    grid = sorted(float(r) for r in grid)
+    if not grid or grid[0] <= 0 or grid[-1] >= 1:
+        raise ValueError(f"grid must be fractions in (0, 1), got {grid!r}")
+    if importance is None:
+        importance = L2FilterImportance()
+    count_flops = flops_fn or (lambda m: mac_count(m, flops_input_size))
+
+    params0 = _n_params(model)
+    flops0 = count_flops(model) if target_flops is not None else None
+    if target_params is not None and target_params >= params0:
+        raise ValueError(f"target_params={target_params:,} is not below the model's {params0:,} parameters")
+    if target_flops is not None and target_flops >= flops0:
+        raise ValueError(f"target_flops={target_flops:,} is not below the model's {flops0:,} FLOPs")
+
+    names = _ignored_as_names(model, ignored_layers)
+    work = copy.deepcopy(model).eval()
+    ignored = _resolve_ignored(work, names)
+    p = next(work.parameters())
+    example = example_inputs.detach().to(device=p.device, dtype=p.dtype)
+    dg = build_graph(work, example)
+    shapes = _output_pixels(work, flops_input_size)
+    report = BudgetReport(target_params, target_flops, params0, params0, flops0, flops0,
+                          type(importance).__name__)
+    groups: list[_Group] = []
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_ROOTS):
+        name = dg.module_name(group[0].dep.target.module)
+        why = locked_reason(dg, group, ignored)
+        if why is not None:
+            report.locked.setdefault(name, why)
+            continue
+        imp = importance(group)
+        if imp is None:
+            report.locked.setdefault(name, f"{type(importance).__name__} cannot score this group")
+            continue
+        pp, pf = _per_channel_cost(dg, group, shapes)
+        groups.append(_Group(dg, group, imp.detach().float().cpu(), pp, pf))
+    if not groups:
+        raise ValueError("model: no prunable group (all locked: " + "; ".join(report.locked.values()) + ")")
+
+    # -------- sensitivities
+    inputs = [x.to(device=p.device, dtype=p.dtype) for x in calibration.batches[:max(1, int(sensitivity_batches))]]
+    with torch.no_grad():
+        ref = [work(x) for x in inputs]
+    for g in groups:
+        g.grid = list(grid)
+        g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref) for r in grid]
+
+    # -------- allocation rounds until the real pruned model fits
+    extra_p = extra_f = 0.0
+    best = None
+    for rnd in range(1, max_rounds + 1):
+        need_p = (params0 - target_params + extra_p) if target_params is not None else 0.0
+        need_f = (flops0 - target_flops + extra_f) if target_flops is not None else 0.0
+        removal = _allocate(groups, need_p, need_f, params0, flops0 or 1, max_ratio)
+        if removal is None:
+            break
+        pruned = _apply(model, example, groups, removal, names)
+        n_p = _n_params(pruned)
+        n_f = count_flops(pruned) if target_flops is not None else None
+        report.iterations = rnd
+        ok_p = target_params is None or n_p <= target_params
+        ok_f = target_flops is None or n_f <= target_flops
+        best = (pruned, removal, n_p, n_f)
+        if ok_p and ok_f:
+            break
+        if not ok_p:
+            extra_p += (n_p - target_params) * 1.05 + 1
+        if not ok_f:
+            extra_f += (n_f - target_flops) * 1.05 + 1
+    else:
+        best = None
+    if best is None or not ((target_params is None or best[2] <= target_params)
+                            and (target_flops is None or best[3] <= target_flops)):
+        what = "target_params" if target_params is not None else "target_flops"
+        raise ValueError(f"{what}: the budget cannot be reached with max_ratio={max_ratio} per group "
+                         f"(locked groups: {len(report.locked)})")
+    pruned, removal, n_p, n_f = best
+    report.params, report.flops = n_p, n_f
+    report.groups = [GroupAllocation(g.name, g.n, g.n - removal[i], list(g.grid), list(g.curve))
+                     for i, g in enumerate(groups)]
+    report.seconds = time.perf_counter() - t0
+    setattr(pruned, REPORT_ATTR, report)
+    if progress:
+        print(report.summary())
+    return pruned
+
+
+def _allocate(groups: list[_Group], need_p: float, need_f: float, p0: float, f0: float,
+              max_ratio: float) -> list[int] | None:
+    """Channels to remove per group: greedy on (sensitivity increase) / (budget saved), one atom at a time."""
+    removed = [0] * len(groups)
+    got_p = got_f = 0.0
+    limits = [g.max_remove(max_ratio) for g in groups]
+    steps = [len(g.atoms[0]) if g.atoms else 1 for g in groups]
+    while got_p < need_p or got_f < need_f:
+        best, best_i = math.inf, -1
+        for i, g in enumerate(groups):
+            s = steps[i]
+            if removed[i] + s > limits[i]:
+                continue
+            gain = (g.per_param * s / p0 if need_p > got_p else 0.0) + (g.per_flop * s / f0 if need_f > got_f else 0.0)
+            if gain <= 0:
+                continue
+            cost = g.error_at(removed[i] + s) - g.error_at(removed[i])
+            score = max(cost, 0.0) / gain
+            if score < best:
+                best, best_i = score, i
+        if best_i < 0:
+            return None
+        s = steps[best_i]
+        removed[best_i] += s
+        got_p += groups[best_i].per_param * s
+        got_f += groups[best_i].per_flop * s
+    return removed
+
+
+def _apply(model: nn.Module, example: torch.Tensor, groups: list[_Group], removal: list[int],
+           ignored_names: Any) -> nn.Module:
+    """Prune a fresh copy of ``model``: group ``i`` loses its ``removal[i]`` lowest-ranked channels."""
+    m = copy.deepcopy(model)
+    dg = build_graph(m, example)
+    mods = dict(m.named_modules())
+    dg._pruning_history = []
+    for g, k in zip(groups, removal):
+        if k <= 0:
+            continue
+        idxs = _choose(g.imp, g.atoms, k)
+        root = mods[g.name]
+        pruner = dg.get_pruner_of_module(root)
+        fn = pruner.prune_out_channels if g.is_out else pruner.prune_in_channels
+        group = dg.get_pruning_group(root, fn, idxs)
+        if dg.check_pruning_group(group):
+            group.prune()
+    history = list(getattr(model, HISTORY_ATTR, []) or [])
+    history.extend([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()])
+    setattr(m, HISTORY_ATTR, history)
+    setattr(m, INPUT_SHAPE_ATTR, list(example.shape))
+    return m
