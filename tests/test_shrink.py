@@ -247,3 +247,53 @@ def test_demo_smoke(tmp_path, capsys):
     assert report["stages"]["tucker"]["decomposed"] > 0 and report["stages"]["prune"]["params_after"] > 0
     for name in ("teacher.safetensors", "student.safetensors", "report.md", "frontier.png"):
         assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("stop", ["prune:2:1", "tucker:0:1"])
+def test_resume_inside_a_stage_continues_where_it_stopped(full_run, tiny, monkeypatch, capsys, stop):
+    """Interrupted in the middle of a distillation (round 2 of pruning, or Tucker's): --resume continues
+    from that step's checkpoint and ends with the very weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from effsr.shrink.finetune import STOP_STEP_ENV
+
+    stage = stop.split(":")[0]
+    out = tiny["root"] / f"run_mid_{stage}"
+    monkeypatch.setenv(STOP_STEP_ENV, stop)
+    assert cli.main(_argv(tiny, out)) == 130
+    partial = list((out / "stages" / "partial").rglob("finetune_*.pt"))
+    assert partial, "no mid-stage checkpoint written"
+    assert any(torch.load(p, weights_only=True)["step"] == 1 for p in partial)
+    assert not (out / "stages" / f"{ {'prune': 2, 'tucker': 4}[stage]}_{stage}.json").exists()
+    monkeypatch.delenv(STOP_STEP_ENV)
+    assert cli.main(_argv(tiny, out, "--resume")) == 0
+    capsys.readouterr()
+    assert "(resumed at step 1)" in (out / "log.txt").read_text()
+    assert not (out / "stages" / "partial").exists()  # removed once the stage was saved
+    a = load_file(str(full_run / "student.safetensors"))
+    b = load_file(str(out / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_teacher_training_resumes_mid_training(tmp_path, monkeypatch, capsys):
+    """The demo teacher's training checkpoints inside the run: interrupted at step 2 of 4 and resumed, it
+    gives the teacher an uninterrupted training gives (both runs stop once the teacher stage is saved)."""
+    from safetensors.torch import load_file
+
+    from effsr.shrink.finetune import STOP_STEP_ENV
+
+    argv = ["demo", "--teacher-steps", "4", "--steps", "1", "--nf", "8", "--no-progress"]
+    monkeypatch.setenv(STOP_ENV, "teacher")
+    assert cli.main([*argv, "--out", str(tmp_path / "ref")]) == 130
+    cut = tmp_path / "cut"
+    monkeypatch.setenv(STOP_STEP_ENV, "teacher_training:0:2")
+    assert cli.main([*argv, "--out", str(cut)]) == 130
+    ckpt, = cut.glob(".teacher_training-*.pt")
+    assert torch.load(ckpt, weights_only=True)["step"] == 2 and not (cut / "teacher.safetensors").exists()
+    monkeypatch.delenv(STOP_STEP_ENV)
+    assert cli.main([*argv, "--out", str(cut), "--resume"]) == 130
+    capsys.readouterr()
+    assert "resumed training at step 2" in (cut / "log.txt").read_text()
+    assert not list(cut.glob(".teacher_training-*.pt"))
+    a, b = load_file(str(tmp_path / "ref" / "teacher.safetensors")), load_file(str(cut / "teacher.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

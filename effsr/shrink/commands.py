@@ -65,6 +65,8 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (completed stages are reloaded, an interrupted "
                         "one continues from its last checkpoint)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="checkpoint distillation every N steps inside a stage (an interrupt always checkpoints)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure the official checkpoints (default: when the shared data is found)")
     p.add_argument("--peers-dir", default=None, metavar="DIR",
@@ -118,7 +120,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
         progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
-        target_params=args.target_params, target_flops=args.target_flops,
+        checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
         method=args.method, importance=args.importance, calib_images=args.calib_images, objective=args.objective,
         objective_tolerance=args.objective_tolerance)
     try:

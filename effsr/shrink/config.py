@@ -77,6 +77,8 @@ class ShrinkConfig:
     tucker_min_channels: int = 16
     progress: bool = True
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: write a mid-stage checkpoint every N distillation steps (and always when interrupted)
+    checkpoint_every: int = 50
     #: PSNR-Y/SSIM-Y on integer Y (the NTIRE/MATLAB convention); False: unrounded Y (``--y-float``)
     y_round: bool = True
     #: data-aware path (effsr.shrink.compress): a budget, the method and its options
@@ -107,7 +109,7 @@ class ShrinkConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"--{name} must be an int >= 0, got {v!r}")
-        for name in ("batch_size", "runtime_trials", "verify_images", "tucker_min_channels"):
+        for name in ("batch_size", "runtime_trials", "verify_images", "tucker_min_channels", "checkpoint_every"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
@@ -230,7 +232,7 @@ class ShrinkConfig:
         ``exclude``: further field names to leave out (the runner leaves out later stages' settings).
         """
         skip = {"out", "resume", "progress", "peers", "peers_dir", "runtime_trials", "device", "eval_data",
-                "max_eval_images", "verify_images", *exclude}
+                "max_eval_images", "verify_images", "checkpoint_every", *exclude}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         d["weights"] = str(Path(self.weights).resolve()) if self.weights else None
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

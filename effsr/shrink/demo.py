@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,14 @@ def split_default_images() -> tuple[list[Any], list[Any]]:
 
 
 def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf: int, seed: int, batch_size: int,
-                  patch_size: int, lr: float, device: str, progress: bool, log: Any) -> tuple[torch.nn.Module, dict]:
-    """Train ``rfdn(nf, conv="ecb")`` online on ``train_pairs``; return the fused network and what was checked."""
+                  patch_size: int, lr: float, device: str, progress: bool, log: Any,
+                  checkpoint: Path | None = None, resume: bool = False,
+                  checkpoint_every: int = 50) -> tuple[torch.nn.Module, dict]:
+    """Train ``rfdn(nf, conv="ecb")`` online on ``train_pairs``; return the fused network and what was checked.
+
+    With ``checkpoint`` the training is checkpointed every ``checkpoint_every`` steps and on interruption, and
+    ``resume`` continues from it (same final weights as an uninterrupted training)."""
+    from .finetune import stop_hook
     import distill
     import reparam
     from effsr import models
@@ -52,7 +60,11 @@ def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf:
     sched = (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05))
     t0 = time.perf_counter()
     res = distill.train_steps(distill.Supervised(net), ds, steps, lr=lr, batch_size=batch_size, device=device,
-                              seed=seed, progress=progress, scheduler_fn=sched, log_every=max(1, steps // 20))
+                              seed=seed, progress=progress, scheduler_fn=sched, log_every=max(1, steps // 20),
+                              desc="teacher training", checkpoint=checkpoint, resume=resume,
+                              checkpoint_every=checkpoint_every, on_step=stop_hook("teacher_training", 0))
+    if res.start_step:
+        log(f"teacher: resumed training at step {res.start_step} from {checkpoint}")
     net = net.cpu().eval()
     fused = reparam.fuse_all(net)
     reparam.set_mode(net, "branches")
@@ -96,10 +108,13 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 60, teacher_steps: i
     else:
         log(f"demo: training a teacher rfdn(nf={nf}, conv='ecb') for {teacher_steps} steps on "
             f"{[p.name for p in train_pairs]} (scikit-image photos)")
+        key = hashlib.sha256(json.dumps([nf, seed, teacher_steps, batch_size, patch_size, teacher_lr]).encode())
+        ckpt = out / f".teacher_training-{key.hexdigest()[:12]}.pt"  # settings in the name: never a stale one
         teacher, _ = train_teacher(train_pairs, eval_pairs, teacher_steps, nf, seed, batch_size, patch_size,
-                                   teacher_lr, device, progress, log)
+                                   teacher_lr, device, progress, log, checkpoint=ckpt, resume=resume)
         config = {k: v for k, v in teacher.config.items()}
         save_student(teacher, new_recipe("rfdn", config), teacher_path)
+        ckpt.unlink(missing_ok=True)
         reloaded = load_student(teacher_path)
         verify_same(teacher, reloaded, [torch.rand(1, 3, 32, 32) * 255], "demo teacher reload", 0.0)
     run_shrink(cfg, train_pairs=train_pairs, eval_sets={"skimage": eval_pairs},

@@ -1,6 +1,7 @@
 """Distillation fine-tuning of a student by the run's teacher (after repify, each pruning round, Tucker)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -8,7 +9,32 @@ from torch import nn
 from .seeds import seed_everything
 from .state import RunState, training_form
 
-__all__ = ["distill_finetune", "feature_pairs"]
+__all__ = ["distill_finetune", "feature_pairs", "STOP_STEP_ENV", "stop_hook"]
+
+#: Test hook: ``EFFSR_SHRINK_STOP_AT_STEP=<stage>:<round>:<step>`` raises KeyboardInterrupt after distillation
+#: step ``step`` of pruning round ``round`` (0 for the other stages) of stage ``stage`` (``teacher_training``
+#: for the demo's teacher) -- a checkpoint of
+#: that step is written first, so ``--resume`` continues from there.
+STOP_STEP_ENV = "EFFSR_SHRINK_STOP_AT_STEP"
+
+
+def stop_hook(stage: str, round_: int) -> Any:
+    """The :data:`STOP_STEP_ENV` hook for ``train_steps(on_step=...)`` of ``stage`` / ``round_``, or None."""
+    spec = os.environ.get(STOP_STEP_ENV)
+    if not spec:
+        return None
+    try:
+        name, r, step = spec.split(":")
+        r_i, step_i = int(r), int(step)
+    except ValueError:
+        raise ValueError(f"{STOP_STEP_ENV}: expected <stage>:<round>:<step>, got {spec!r}") from None
+    if name != stage or r_i != round_:
+        return None
+
+    def hook(done: int) -> None:
+        if done == step_i:
+            raise KeyboardInterrupt(f"stopped at {stage} round {round_} step {done} ({STOP_STEP_ENV})")
+    return hook
 
 
 def feature_pairs(teacher: nn.Module, student: nn.Module) -> list[str]:
@@ -23,6 +49,10 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     """Distil ``state.teacher`` into ``student`` for ``steps`` steps (block features + teacher output + GT L1).
 
     Builds a fresh :class:`distill.Distiller` (and so a fresh optimizer): call it again after pruning.
+    When the runner gave the stage a ``state.partial_dir``, training is checkpointed there every
+    ``cfg.checkpoint_every`` steps and on interruption (one file per fine-tune, keyed by ``seed``), and
+    with ``cfg.resume`` continues from that checkpoint: a finished fine-tune is restored without
+    training, an interrupted one continues at its step, so the weights are those of an uninterrupted run.
     """
     import distill
     from effsr.data import PatchDataset
@@ -40,16 +70,21 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     ds = PatchDataset(state.train_pairs, patch_size=state.patch_size, augment=True,
                       length=max(len(state.train_pairs), cfg.batch_size * state.dist.world_size), seed=seed)
     d = distill.Distiller(teacher, student, pairs=pairs, adapter="conv1x1", output_weight=1.0, gt_weight=1.0)
+    round_ = seed - state.finetune_seed(0)  # pruning round (0 outside pruning)
+    ckpt = state.partial_dir / f"finetune_{seed}.pt" if state.partial_dir is not None else None
     try:
         res = distill.train_steps(d, ds, steps, lr=cfg.lr, batch_size=cfg.batch_size, device=state.device,
                                   seed=seed, progress=cfg.progress, ctx=state.dist,
-                                  log_every=max(1, steps // 10))
+                                  log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
+                                  checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                                  on_step=stop_hook(state.stage_name, round_))
     finally:
         d.close()
     student.eval()
     hist = res.history
-    info = {"steps": res.steps_run, "seconds": round(res.seconds, 3), "pairs": names,
+    info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names,
             "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
-    state.log(f"{label}: {res.steps_run} distillation steps, loss {info['loss_first']} -> {info['loss_last']} "
+    resumed = f" (resumed at step {res.start_step})" if res.start_step else ""
+    state.log(f"{label}: {res.step} distillation steps{resumed}, loss {info['loss_first']} -> {info['loss_last']} "
               f"({res.seconds:.1f} s)")
     return info

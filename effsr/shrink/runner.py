@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -81,7 +82,9 @@ class StageRunner:
         if self._resume(stage, fingerprint):
             return
         st.log(f"stage {k} {name}: start")
-        st.stage_index = k
+        st.stage_index, st.stage_name = k, name
+        # mid-stage checkpoints (each fine-tune of the stage), keyed by the stage's settings
+        st.partial_dir = st.run_dir / "stages" / "partial" / f"{k}_{name}-{fingerprint}"
         seed_everything(stage_seed(st.cfg.seed, k))
         t0 = time.perf_counter()
         result = stage.run(st)
@@ -98,6 +101,10 @@ class StageRunner:
                               "result": result, "seconds": seconds})
         if name != "report":  # rank 0 alone measures and writes the report; nobody waits for it
             barrier(st)
+        if st.main:  # the stage is saved whole: its mid-stage checkpoints are no longer needed
+            shutil.rmtree(st.partial_dir, ignore_errors=True)
+            _remove_empty(st.partial_dir.parent)
+        st.partial_dir = None
         st.log(f"stage {k} {name}: done in {seconds:.1f} s")
         if self.stop_after == name:
             raise KeyboardInterrupt(f"stopped after stage {name!r} ({STOP_ENV})")
@@ -106,6 +113,13 @@ class StageRunner:
         for stage in STAGES:
             self.run_stage(stage)
         return self.state.results
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 def load_teacher(cfg: ShrinkConfig) -> nn.Module:

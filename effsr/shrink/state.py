@@ -33,6 +33,9 @@ class RunState:
     teacher_label: str = "teacher"
     stage_index: int = 0  #: index of the stage running now (set by the runner; seeds derive from it)
     patch_size: int = 48  #: LR training patch side (``cfg.patch_size``, resolved when that is auto)
+    stage_name: str = ""  #: name of the stage running now (set by the runner)
+    #: folder for the running stage's mid-stage checkpoints (set by the runner; removed when the stage is saved)
+    partial_dir: Path | None = None
 
     @property
     def main(self) -> bool:
