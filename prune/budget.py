@@ -270,7 +270,7 @@ def prune_to_budget(
     grid: Sequence[float] = DEFAULT_GRID,
     max_ratio: float = 0.75,
     sensitivity_batches: int = 1,
-    max_rounds: int = 12,
+    max_rounds: int = 24,
     progress: bool = False,
 ) -> nn.Module:
     """Prune a copy of ``model`` to at most ``target_params`` parameters (and/or ``target_flops``).
@@ -358,6 +358,8 @@ def prune_to_budget(
 
     # -------- allocation rounds until the real pruned model fits
     extra_p = extra_f = 0.0
+    min_p = min(g.per_param * len(g.atoms[0]) for g in groups)
+    min_f = min(g.per_flop * len(g.atoms[0]) for g in groups)
     best = None
     for rnd in range(1, max_rounds + 1):
         need_p = (params0 - target_params + extra_p) if target_params is not None else 0.0
@@ -374,10 +376,11 @@ def prune_to_budget(
         best = (pruned, removal, n_p, n_f)
         if ok_p and ok_f:
             break
+        # ask for the shortfall again, and at least one more atom of the cheapest group
         if not ok_p:
-            extra_p += (n_p - target_params) * 1.05 + 1
+            extra_p += max((n_p - target_params) * 1.05 + 1, min_p)
         if not ok_f:
-            extra_f += (n_f - target_flops) * 1.05 + 1
+            extra_f += max((n_f - target_flops) * 1.05 + 1, min_f)
     else:
         best = None
     if best is None or not ((target_params is None or best[2] <= target_params)

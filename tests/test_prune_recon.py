@@ -1,0 +1,332 @@
+"""Calibration statistics, closed-form reconstruction, reconstruction importance and budgets (prune)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import prune
+import reparam
+from prune.calibration import Calibration, ConvStats, im2col
+from prune.importance import _GreedyLS
+
+
+class Net(nn.Module):
+    """Residual add, concat, multiply gate and PixelShuffle."""
+
+    def __init__(self, conv: type | None = None) -> None:
+        super().__init__()
+        c3 = (lambda i, o: conv(i, o, 3)) if conv is not None else (lambda i, o: nn.Conv2d(i, o, 3, padding=1))
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = c3(8, 8)
+        self.dist = nn.Conv2d(8, 4, 1)
+        self.fuse = nn.Conv2d(12, 8, 1)
+        self.gate = nn.Conv2d(12, 8, 1)
+        self.mid = c3(8, 8)
+        self.up = nn.Conv2d(8, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        r = F.relu(self.body(h) + h)
+        c = torch.cat([r, F.relu(self.dist(h))], 1)
+        y = self.fuse(c) * torch.sigmoid(self.gate(c))
+        y = F.relu(self.mid(y))
+        return self.shuffle(self.up(y))
+
+
+def _net(seed: int = 0, conv: type | None = None) -> nn.Module:
+    torch.manual_seed(seed)
+    return Net(conv).double().eval()
+
+
+def _calib(n: int = 16, size: int = 12, seed: int = 1, **kw) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    return Calibration(torch.rand(n, 3, size, size, generator=g, dtype=torch.float64), batch_size=8, **kw)
+
+
+def _convs(m: nn.Module) -> dict[str, nn.Conv2d]:
+    return {n: c for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
+
+
+# --------------------------------------------------------------------------------------- im2col
+@settings(max_examples=40, deadline=None)
+@given(cin_g=st.integers(1, 3), cout_g=st.integers(1, 3), groups=st.integers(1, 3),
+       k=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dil=st.tuples(st.integers(1, 2), st.integers(1, 2)), pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]), hw=st.tuples(st.integers(7, 11), st.integers(7, 11)),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_im2col_rows_times_weight_equal_the_conv(cin_g, cout_g, groups, k, stride, dil, pad, mode, hw, bias, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin_g * groups, cout_g * groups, k, stride, pad, dil, groups, bias=bias,
+                     padding_mode=mode).double()
+    x = torch.randn(2, cin_g * groups, *hw, dtype=torch.float64)
+    y = conv(x)
+    cols = im2col(x, conv)                                                   # [G, N, D]
+    w = conv.weight.reshape(groups, cout_g, -1)
+    out = torch.einsum("gnd,god->gno", cols, w)                              # [G, N, O/G]
+    if bias:
+        out = out + conv.bias.view(groups, 1, cout_g)
+    direct = y.permute(0, 2, 3, 1).reshape(-1, groups, cout_g).permute(1, 0, 2)
+    assert torch.allclose(out, direct, atol=1e-10)
+    # statistics of the conv's own output: its weights are an exact fit, with zero residual
+    st_ = Calibration(x, batch_size=1).collect(nn.Sequential(conv), ["0"])["0"]
+    assert st_.count == y.numel() // y.shape[1]
+    assert st_.error(conv.weight, conv.bias) < 1e-9 * max(float(st_.yty.sum()), 1.0)
+
+
+def test_stats_error_equals_the_direct_residual_and_solve_recovers_the_conv():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    x = torch.randn(5, 4, 9, 9, dtype=torch.float64)
+    st_ = Calibration(x, batch_size=2).collect(nn.Sequential(conv), ["0"])["0"]
+    w2, b2 = conv.weight * 0.7 + 0.01, conv.bias - 0.3
+    with torch.no_grad():
+        direct = float((F.conv2d(x, w2, b2, 1, 1, 1, 2) - conv(x)).pow(2).sum())
+    assert st_.error(w2, b2) == pytest.approx(direct, rel=1e-9)
+    w, b = st_.solve(ridge=1e-12)
+    assert torch.allclose(w, conv.weight, atol=1e-7) and torch.allclose(b, conv.bias, atol=1e-7)
+    # merge of two halves == stats of everything
+    a = Calibration(x[:2], batch_size=2).collect(nn.Sequential(conv), ["0"])["0"]
+    c = Calibration(x[2:], batch_size=2).collect(nn.Sequential(conv), ["0"])["0"]
+    m = a.merge(c)
+    assert torch.allclose(m.xtx, st_.xtx) and torch.allclose(m.xty, st_.xty) and m.count == st_.count
+    cov = st_.channel_covariance()
+    assert cov.shape == (2, 2, 2) and torch.allclose(cov, cov.transpose(1, 2))
+
+
+def test_ridge_toward_a_prior_shrinks_to_it():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 2, 3, padding=1).double()
+    st_ = _calib(4, 8).collect(nn.Sequential(conv), ["0"])["0"]
+    prior = (torch.zeros_like(conv.weight) + 0.5, conv.bias)
+    w_big, _ = st_.solve(ridge=1e8, prior=prior)
+    assert torch.allclose(w_big, prior[0], atol=1e-5)
+    w0, _ = st_.solve(ridge=1e8)
+    assert float(w0.abs().max()) < 1e-5
+
+
+# --------------------------------------------------------------------------------- reconstruction
+def test_history_gives_the_kept_channels():
+    net = _net()
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    small = prune.l2_filter_prune(net, x, ratio=0.4, progress=False)
+    keep = prune.kept_channels(net, small.pruning_history, x)
+    t, s = _convs(net), _convs(small)
+    assert any(len(keep[n][1]) < t[n].in_channels for n in t)
+    for n in t:
+        ok, ik = keep[n]
+        assert torch.equal(s[n].weight, t[n].weight[ok][:, ik])
+
+
+def test_nothing_removed_returns_the_same_weights():
+    net = _net()
+    calib = _calib()
+    student = prune.l2_filter_prune(net, calib.batches[0][:1], ratio=0.0, progress=False)
+    rep = prune.reconstruct(student, net, calib, layers="all", progress=False)
+    assert len(rep.layers) == len(_convs(net))
+    for n, c in _convs(net).items():
+        s = dict(student.named_modules())[n]
+        assert torch.allclose(s.weight, c.weight, atol=1e-8, rtol=1e-6), n
+        assert torch.allclose(s.bias, c.bias, atol=1e-8, rtol=1e-6), n
+
+
+def test_reconstruction_never_increases_a_layer_error_and_helps_the_output():
+    net = _net()
+    calib = _calib(24, 12)
+    x = calib.batches[0][:1]
+    small = prune.l2_filter_prune(net, x, ratio=0.5, progress=False)
+    before = [m.weight.detach().clone() for m in _convs(small).values()]
+    held = torch.rand(6, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        y, e0 = net(held), float((small(held) - net(held)).pow(2).mean())
+    rep = prune.reconstruct(small, net, calib, progress=False)
+    assert rep.layers and rep.passes <= len(rep.layers)
+    solved = {f.name for f in rep.layers}
+    assert {"body", "dist", "fuse", "gate", "mid", "up"} <= solved
+    for f in rep.layers:
+        assert f.error_after <= f.error_before + 1e-12, f
+    # the errors of the report are the errors of the final model, recollected independently
+    keep = prune.kept_channels(net, small.pruning_history, x)
+    for f in rep.layers:
+        st_ = calib.collect(small, [f.name], teacher=net, out_index={f.name: keep[f.name][0]})[f.name]
+        m = dict(small.named_modules())[f.name]
+        assert st_.relative_error(m.weight, m.bias) == pytest.approx(f.error_after, rel=1e-6, abs=1e-12)
+    assert any(not torch.equal(a, m.weight) for a, m in zip(before, _convs(small).values()))
+    with torch.no_grad():
+        e1 = float((small(held) - y).pow(2).mean())
+    assert e1 < 0.5 * e0
+
+
+def test_bias_compensation_matches_the_teacher_mean():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 3, 1)).double()
+    calib = _calib(8, 10)
+    small = prune.l2_filter_prune(net, calib.batches[0][:1], ratio=0.5, progress=False)
+    unc = [m.bias.detach().clone() for m in _convs(small).values()]
+    rep = prune.reconstruct(small, net, calib, solve=False, progress=False)
+    assert rep.layers == [] and "2" in rep.compensated
+    assert not torch.equal(unc[1], small[2].bias)
+
+    def mean_out(m: nn.Module) -> torch.Tensor:
+        outs = []
+        h = m[2].register_forward_hook(lambda _m, _i, o: outs.append(o.mean((0, 2, 3))))
+        for b in calib.batches:
+            with torch.no_grad():
+                m(b)
+        h.remove()
+        return torch.stack(outs).mean(0)
+
+    keep = prune.kept_channels(net, small.pruning_history, calib.batches[0][:1])["2"][0]
+    assert torch.allclose(mean_out(small), mean_out(net)[keep], atol=1e-9)
+
+
+def test_rep_blocks_in_training_form_are_reconstructed_through_their_fused_kernel():
+    net = _net(conv=lambda i, o, k: reparam.ECB(i, o))
+    calib = _calib(16, 12)
+    small = prune.l2_filter_prune(net, calib.batches[0][:1], ratio=0.4, progress=False)
+    held = calib.batches[0]
+    with torch.no_grad():
+        e0 = float((small(held) - net(held)).pow(2).mean())
+    rep = prune.reconstruct(small, net, calib, layers="all", progress=False)
+    assert {"body", "mid"} <= {f.name for f in rep.layers}
+    with torch.no_grad():
+        e1 = float((small(held) - net(held)).pow(2).mean())
+        fused = reparam.fuse_all(small).eval()
+        assert torch.allclose(fused(held), small(held), atol=1e-8)
+    assert e1 < e0
+
+
+def test_deterministic_for_a_seed():
+    net = _net()
+    outs = []
+    for _ in range(2):
+        calib = _calib(16, 12, rows_per_batch=300, seed=7)
+        small = prune.prune_to_budget(net, calib.batches[0][:1], calib, target_params=int(0.7 * sum(
+            p.numel() for p in net.parameters())), importance=prune.ReconstructionImportance(calib))
+        prune.reconstruct(small, net, calib, progress=False)
+        outs.append(torch.cat([p.detach().flatten() for p in small.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------------- importance, budgets
+def test_greedy_cost_equals_the_least_squares_error_increase():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(5, 3, 3, padding=1).double()
+    x = torch.randn(6, 5, 8, 8, dtype=torch.float64)
+    st_ = Calibration(x, batch_size=3).collect(nn.Sequential(conv), ["0"])["0"]
+    y = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    g = _GreedyLS(st_, {c: [c] for c in range(5)}, ridge=0.0)
+    costs = g.costs([[c] for c in range(5)])
+    for c in range(5):       # brute force: least squares without channel c, residual / ||Y||^2
+        keep = [i for i in range(5) if i != c]
+        small = nn.Conv2d(4, 3, 3, padding=1).double()
+        s2 = Calibration(x[:, keep], batch_size=3).collect(nn.Sequential(small), ["0"], teacher=nn.Sequential(conv),
+                                                           teacher_inputs=list(x.split(3)))["0"]
+        w, b = s2.solve(ridge=0.0)
+        r = float((F.conv2d(x[:, keep], w, b, padding=1) - y).pow(2).sum()) / float(y.pow(2).sum())
+        assert float(costs[c]) == pytest.approx(r, rel=1e-4, abs=1e-10)
+
+
+def test_reconstruction_importance_through_the_pruning_entry_point():
+    net = _net()
+    calib = _calib()
+    imp = prune.ReconstructionImportance(calib)
+    small = prune.l2_filter_prune(net, calib.batches[0][:1], ratio=0.25, importance=imp, progress=False)
+    assert small.pruning_report.importance == "ReconstructionImportance"
+    assert imp.curves and all(np.all(np.diff(c) >= -1e-12) for c in imp.curves.values())
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_budget_is_met_and_reported(kind):
+    net = _net()
+    calib = _calib()
+    x = calib.batches[0][:1]
+    p0 = sum(p.numel() for p in net.parameters())
+    f0 = prune.mac_count(net, (3, 16, 16))
+    kw = dict(target_params=int(0.6 * p0)) if kind == "params" else dict(target_flops=int(0.6 * f0))
+    small = prune.prune_to_budget(net, x, calib, flops_input_size=(3, 16, 16),
+                                  importance=prune.ActivationImportance(calib.batches[0]), **kw)
+    rep = small.pruning_report
+    if kind == "params":
+        assert sum(p.numel() for p in small.parameters()) <= kw["target_params"] == rep.target_params
+        assert rep.params == sum(p.numel() for p in small.parameters())
+    else:
+        assert prune.mac_count(small, (3, 16, 16)) <= kw["target_flops"] and rep.flops <= kw["target_flops"]
+    assert rep.groups and sum(g.channels - g.kept for g in rep.groups) > 0
+    assert "up" in rep.locked                                 # the output conv is never pruned
+    assert small(x).shape == net(x).shape
+    again = prune.load(_net(), _save(small))
+    assert torch.equal(again(x), small(x))
+
+
+def _save(m: nn.Module):
+    import tempfile
+    from pathlib import Path
+    p = Path(tempfile.mkdtemp()) / "m.pth"
+    prune.save(m, p)
+    return p
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument():
+    net = _net()
+    calib = _calib()
+    x = calib.batches[0][:1]
+    p0 = sum(p.numel() for p in net.parameters())
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.zeros(0, 3, 8, 8))
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration([])
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.full((2, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.rand(2, 3, 8, 8), input_range=255.0)          # [0, 1] data for a 0-255 net
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.rand(2, 3, 8, 8) * 300, input_range=255.0)
+    with pytest.raises(ValueError, match="inputs"):
+        Calibration(torch.rand(2, 4, 8, 8), channels=3)
+    with pytest.raises(ValueError, match="target_params"):
+        prune.prune_to_budget(net, x, calib, target_params=p0)
+    with pytest.raises(ValueError, match="target_params"):
+        prune.prune_to_budget(net, x, calib, target_params=10)
+    with pytest.raises(ValueError, match="target_flops"):
+        prune.prune_to_budget(net, x, calib, target_flops=10**12, flops_input_size=(3, 16, 16))
+    with pytest.raises(ValueError, match="target"):
+        prune.prune_to_budget(net, x, calib)
+    small = prune.l2_filter_prune(net, x, ratio=0.3, progress=False)
+    with pytest.raises(ValueError, match="ridge"):
+        prune.reconstruct(small, net, calib, ridge=-1.0, progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        prune.reconstruct(small, net, calib, layers=["nope"], progress=False)
+    with pytest.raises(ValueError, match="history"):
+        prune.reconstruct(small, net, calib, history=[], progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        ConvStats.empty(prune.calibration.conv_geometry(net.head), 8).solve()
+
+
+# ------------------------------------------------------------------------------------- real data
+@pytest.mark.data
+def test_official_rfdn_reconstruction_recovers_psnr(checkpoints, shared_data):
+    from effsr import models
+    from effsr.data import SRFolder
+    from effsr.inference import evaluate
+
+    torch.manual_seed(0)
+    rfdn = models.load("rfdn", str(checkpoints / "rfdn_aim2020.pth")).eval()
+    pairs = [p for p in SRFolder(shared_data / "t91") if min(p.lr.shape[:2]) >= 24][:16]
+    crops = torch.stack([torch.from_numpy(np.ascontiguousarray(p.lr[:24, :24])).permute(2, 0, 1) for p in pairs]).float()
+    calib = Calibration(crops, batch_size=8, input_range=255.0, rows_per_batch=2048)
+    small = prune.l2_filter_prune(rfdn, crops[:1], ratio=0.18, progress=False,
+                                  importance=prune.ActivationImportance(crops[:8]), flops_input_size=None)
+    bird = [p for p in SRFolder(shared_data / "set5")][:1]
+    before = float(evaluate(small.eval(), bird, progress=False)["psnr_y"])
+    rep = prune.reconstruct(small, rfdn, calib, progress=False)
+    after = float(evaluate(small.eval(), bird, progress=False)["psnr_y"])
+    assert all(f.error_after <= f.error_before for f in rep.layers)
+    assert after > before + 1.0
