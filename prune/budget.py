@@ -170,10 +170,13 @@ class _Group:
 
 @torch.no_grad()
 def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor],
-                  ref: list[torch.Tensor]) -> float:
-    """Relative output error with the first ``k`` channels of ``g`` removed (zeroed at its consumers)."""
+                  ref: list[torch.Tensor], means: dict[int, torch.Tensor] | None = None) -> float:
+    """Relative output error with the first ``k`` channels of ``g`` removed (zeroed at its consumers),
+    with the closed-form bias compensation of :func:`prune.reconstruct` when ``means`` (im2col input
+    means per consumer) are given."""
     gone = set(g.order[:k])
     saved: list[tuple[nn.Module, Any]] = []
+    biases: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         for layer, idxs, roots in g.consumers:
             cols = [i for i, r in zip(idxs, roots) if r in gone]
@@ -187,6 +190,12 @@ def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor
                 layer.load_kernel(w, b.detach() if b is not None else None)
             else:
                 saved.append((layer, layer.weight.detach().clone()))
+                mu = None if means is None else means.get(id(layer))
+                if mu is not None and layer.bias is not None and isinstance(layer, nn.Conv2d) and layer.groups == 1:
+                    biases.append((layer, layer.bias.detach().clone()))
+                    w = layer.weight[:, cols].to(torch.float64).flatten(2)          # [O, R, k*k]
+                    mu_r = mu[0].view(layer.in_channels, -1)[cols].to(w.device)
+                    layer.bias += (w * mu_r.unsqueeze(0)).sum((1, 2)).to(layer.bias)
                 if isinstance(layer, nn.Conv2d) and layer.groups > 1:
                     layer.weight[cols] = 0       # depthwise: input channel i is filter i
                 else:
@@ -198,6 +207,8 @@ def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor
             den += float(y.double().pow(2).sum())
         return num / max(den, 1e-300)
     finally:
+        for layer, b in biases:
+            layer.bias.copy_(b)
         for layer, s in reversed(saved):
             if isinstance(layer, RepBlock):
                 layer.load_state_dict(s)
@@ -271,6 +282,7 @@ def prune_to_budget(
     max_ratio: float = 0.75,
     sensitivity_batches: int = 1,
     max_rounds: int = 24,
+    bias_compensation: bool = True,
     progress: bool = False,
 ) -> nn.Module:
     """Prune a copy of ``model`` to at most ``target_params`` parameters (and/or ``target_flops``).
@@ -289,6 +301,9 @@ def prune_to_budget(
         grid: fractions of a group at which its sensitivity is measured.
         max_ratio: no group loses more than this fraction of its channels.
         max_rounds: allocation rounds before giving up (``ValueError`` naming the target).
+        bias_compensation: measure each sensitivity with the removed channels' mean contribution
+            folded into the consumers' biases (as :func:`prune.reconstruct` does), a closer proxy for
+            the error left after reconstruction.
 
     Returns:
         The pruned model with ``.pruning_history`` (replayable by :func:`prune.load` and usable by
@@ -352,9 +367,16 @@ def prune_to_budget(
     inputs = [x.to(device=p.device, dtype=p.dtype) for x in calibration.batches[:max(1, int(sensitivity_batches))]]
     with torch.no_grad():
         ref = [work(x) for x in inputs]
+    means = None
+    if bias_compensation:
+        names_of = {id(m): n for n, m in work.named_modules()}
+        convs = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
+                 if isinstance(c, nn.Conv2d) and c.groups == 1 and c.bias is not None}
+        got = Calibration(inputs).input_means(work, list(dict.fromkeys(convs.values()))) if convs else {}
+        means = {i: got[n] for i, n in convs.items()}
     for g in groups:
         g.grid = list(grid)
-        g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref) for r in grid]
+        g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref, means) for r in grid]
 
     # -------- allocation rounds until the real pruned model fits
     extra_p = extra_f = 0.0
