@@ -338,6 +338,7 @@ def _runtime(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; it imports effsr.cli_core only)
+    import effsr.export.cli  # noqa: F401  (registers `export`)
 
     parser = argparse.ArgumentParser(
         prog="effsr", formatter_class=HelpFormatter,

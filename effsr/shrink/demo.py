@@ -120,5 +120,12 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 60, teacher_steps: i
     run_shrink(cfg, train_pairs=train_pairs, eval_sets={"skimage": eval_pairs},
                teacher_label=f"teacher rfdn nf={nf} (ECB-trained, fused)")
     data = read_report(out)
+    from effsr.export.demo import available, export_student  # the student leaves as ONNX fp32 + INT8
+
+    if available():
+        data["export"] = export_student(out / "student.safetensors", out / "export", train_pairs,
+                                        {"skimage": eval_pairs}, log)
+    else:
+        log("export: skipped (pip install effsr[export] for the ONNX fp32 + INT8 step)")
     data["demo_seconds"] = time.perf_counter() - t0
     return data
