@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration patches")
     ap.add_argument("--patch", type=int, default=32, help="LR patch side")
     ap.add_argument("--rows", type=int, default=None, help="rows_per_batch of the calibration (None: all)")
-    ap.add_argument("--schedule", default="block", choices=["block", "layer"])
+    ap.add_argument("--schedule", default="layer", choices=["block", "layer"])
     ap.add_argument("--include-1x1", action="store_true")
     ap.add_argument("--min-channels", type=int, default=16)
     ap.add_argument("--ridge", type=float, default=1e-4)

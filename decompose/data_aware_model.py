@@ -1,7 +1,7 @@
 """Model-level data-aware Tucker-2: :func:`data_aware_tucker_model`.
 
-The convs are processed in forward order, a stage at a time (``schedule="block"``: the convs of one top-level
-child module; ``"layer"``: one conv at a time). For each stage the calibration batches run through the
+The convs are processed in forward order, a stage at a time (``schedule="layer"``, the default: one conv;
+``"block"``: the convs of one top-level child module). For each stage the calibration batches run through the
 *student as compressed so far* and the frozen teacher (:meth:`prune.calibration.Calibration.collect`), so every
 fit maps the student's actual (already compressed) inputs to the teacher's outputs at that layer: errors of
 earlier layers are corrected instead of accumulated. Selected convs become :class:`~decompose.TuckerConv` with
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from reparam.utils.progress import progress as progress_bar
 
 from .budget import LayerChoices, allocate, bilinear_cost, conv_macs
 from .data_aware import data_aware_tucker, rank_curves
@@ -158,7 +158,7 @@ def data_aware_tucker_model(
     refit: bool = True,
     ridge: float = 1e-4,
     refit_ridge: float = 1e-2,
-    schedule: str = "block",
+    schedule: str = "layer",
     sensitivity: str = "noise",
     refine: int = 0,
     inplace: bool = False,
@@ -181,7 +181,9 @@ def data_aware_tucker_model(
         refit: refit every conv that is not decomposed toward the teacher (ridge toward its old weights).
         ridge: relative ridge of the Tucker core regression; refit_ridge: that of the refit (toward the old
             weights, so larger is safer).
-        schedule: ``"block"`` (one calibration pass per top-level child module) or ``"layer"`` (one per conv).
+        schedule: ``"layer"`` (default: one calibration pass per conv, every fit sees all earlier compression)
+            or ``"block"`` (one pass per top-level child module: faster, but convs of one block do not correct
+            each other; on RFDN 0.2 dB lower one-shot).
         sensitivity: how a budget weighs the layers' estimated errors: ``"noise"`` (default) by how much
             noise injected at the layer changes the network's output (so an error in a layer that feeds the
             output directly costs more), ``"relative"`` by the layer's own relative error.
@@ -294,7 +296,7 @@ def data_aware_tucker_model(
     # ---- sequential fit in forward order
     work = [n for n in order if n in ranks or (refit and n not in ranks)]
     report_rows: dict[str, Any] = {}
-    bar = tqdm(total=len(work), desc="data-aware tucker", unit="conv", disable=not progress)
+    bar = progress_bar(total=len(work), desc="data-aware tucker", unit="conv", disable=not progress)
     for stage in _stages(work, schedule):
         stats = calib.collect(out, stage, teacher=teacher)
         replace: list[tuple[list[str], nn.Module]] = []
@@ -390,7 +392,7 @@ def _allocate(model: nn.Module, teacher: nn.Module, calib: Any, by_name: dict, c
     todo = [n for n in order if n in candidates]
     sens = _sensitivities(teacher, calib, todo) if sensitivity == "noise" else {}
     choices: list[LayerChoices] = []
-    bar = tqdm(total=len(todo), desc="rank curves", unit="conv", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="rank curves", unit="conv", disable=not progress)
     for stage in _stages(todo, "block"):
         stats = calib.collect(model, stage, teacher=teacher)
         for n in stage:
