@@ -118,6 +118,13 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         net = prepare(model)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err).splitlines()[0]) from err
+    if isinstance(keep, list) and keep:
+        import torch
+
+        convs = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        unknown = [k for k in keep if k not in convs]
+        if unknown:
+            raise CLIError(f"--keep-fp32: no conv layer named {unknown[0]!r}; layers: {', '.join(convs[:8])}, ...")
     eval_sets: dict[str, Any] = {}
     for spec in args.eval_data or ["default"]:
         pairs = _open_data(spec, net.scale)
