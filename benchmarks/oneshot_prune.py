@@ -80,11 +80,13 @@ def main() -> None:
         return {"l2": None, "activation": prune.ActivationImportance(lr[:16]),
                 "recon": prune.ReconstructionImportance(calib)}[kind]
 
-    runs = [(f"uniform/{k}", k, "uniform", "pruned") for k in ("l2", "activation", "recon")]
-    runs += [(f"budget/{k}", k, "budget", "pruned") for k in ("activation", "recon")]
-    runs += [("uniform/activation/all-layers", "activation", "uniform", "all")]
+    runs = [(f"uniform/{k}", k, "uniform", "pruned", False) for k in ("l2", "activation", "recon")]
+    runs += [(f"budget/{k}", k, "budget", "pruned", False) for k in ("activation", "recon")]
+    runs += [("uniform/activation/all-layers", "activation", "uniform", "all", False)]
+    runs += [(f"uniform/{k}/residual", k, "uniform", "pruned", True) for k in ("activation", "recon")]
+    runs += [(f"budget/{k}/residual", k, "budget", "pruned", True) for k in ("recon",)]
     only = {s for s in args.only.split(",") if s}
-    for name, kind, how, layers in runs:
+    for name, kind, how, layers, residual in runs:
         if only and name not in only:
             continue
         t0 = time.perf_counter()
@@ -96,7 +98,8 @@ def main() -> None:
         t_prune = time.perf_counter() - t0
         before = psnr_y(small, set5)
         t0 = time.perf_counter()
-        rep = prune.reconstruct(small, net, calib, layers=layers, ridge=args.ridge, progress=False)
+        rep = prune.reconstruct(small, net, calib, layers=layers, ridge=args.ridge, residual=residual,
+                                progress=False)
         t_rec = time.perf_counter() - t0
         after = psnr_y(small, set5)
         row = dict(run=name, params=n_params(small), psnr_oneshot=before, psnr_recon=after, prune_s=t_prune,
@@ -111,6 +114,9 @@ def main() -> None:
         rec = "" if r["psnr_recon"] is None else f"{r['psnr_recon']:.3f}"
         print(f"| {r['run']} | {r['params']:,} | {r['psnr_oneshot']:.3f} | {rec} | {r['prune_s']:.1f} | {r['recon_s']:.1f} |")
     out = Path(args.out)
+    if only and out.exists():                    # a partial rerun adds its rows to the earlier ones
+        old = json.loads(out.read_text()).get("rows", [])
+        rows = [r for r in old if r["run"] not in {x["run"] for x in rows}] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=vars(args), uniform_ratio=ratio, threads=args.threads, rows=rows), indent=2))
     print(f"wrote {out}")

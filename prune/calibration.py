@@ -422,7 +422,8 @@ class Calibration:
     def collect(self, student: nn.Module, names: Sequence[str], teacher: nn.Module | None = None,
                 targets: Mapping[str, str] | None = None,
                 out_index: Mapping[str, Sequence[int] | Tensor] | None = None,
-                teacher_inputs: Sequence[Tensor] | None = None) -> dict[str, ConvStats]:
+                teacher_inputs: Sequence[Tensor] | None = None,
+                residual: Mapping[str, Sequence[int] | Tensor] | None = None) -> dict[str, ConvStats]:
         """:class:`ConvStats` of the student convs ``names`` (see the module docstring).
 
         Args:
@@ -433,6 +434,10 @@ class Calibration:
             out_index: ``{name: teacher output channels}`` kept by the student conv (default all).
             teacher_inputs: batches fed to the teacher instead of the calibration batches (one per
                 calibration batch; used to run a teacher *block* on its own cached inputs).
+            residual: ``{name: teacher input channels}`` for convs whose output is added to their own
+                input (``y = conv(x) + x``): the target becomes ``Y_t + x_t[:, idx] - x_s`` so that the
+                student's *sum* matches the teacher's (it corrects the drift of ``x_s``). Needs the
+                conv's output to have its input's shape.
         """
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
@@ -466,6 +471,12 @@ class Calibration:
 
         cur_x: dict[str, Tensor] = {}
         cur_y: dict[str, Tensor] = {}
+        res_s: dict[str, Tensor] = {}
+        res_t: dict[str, Tensor] = {}
+        residual = {n: torch.as_tensor(list(v) if not isinstance(v, Tensor) else v, dtype=torch.long)
+                    for n, v in (residual or {}).items() if n in geos}
+        if residual and teacher is None:
+            raise ValueError("residual: needs a teacher")
 
         def select(n: str, out: Any) -> Tensor:
             out = out[0] if isinstance(out, (tuple, list)) else out
@@ -478,6 +489,8 @@ class Calibration:
                 if n in cur_x:
                     return
                 cur_x[n] = im2col(inp[0].detach(), geos[n])
+                if n in residual:
+                    res_s[n] = inp[0].detach()
                 if teacher is None:
                     cur_y[n] = select(n, out) if idx[n] is not None else (out[0] if isinstance(out, (tuple, list)) else out).detach()
                 if len(cur_x) == len(names):
@@ -489,10 +502,12 @@ class Calibration:
             by_target.setdefault(targets.get(n, n), []).append(n)
 
         def t_hook(t: str):
-            def hook(_m: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
+            def hook(_m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
                 for n in by_target[t]:
                     if n not in cur_y:
                         cur_y[n] = select(n, out)
+                        if n in residual:
+                            res_t[n] = inp[0].detach().index_select(1, residual[n].to(inp[0].device))
                 if len(cur_y) == len(names):
                     raise _Stop
             return hook
@@ -510,6 +525,8 @@ class Calibration:
             for b, x in enumerate(self.batches):
                 cur_x.clear()
                 cur_y.clear()
+                res_s.clear()
+                res_t.clear()
                 if teacher is not None:
                     self._run(teacher, x if teacher_inputs is None else teacher_inputs[b])
                 self._run(student, x)
@@ -518,6 +535,11 @@ class Calibration:
                     raise ValueError(f"names: {missing} did not run in the forward pass (batch {b})")
                 for n in names:
                     cols, y = cur_x[n], cur_y[n]
+                    if n in residual:
+                        if res_t[n].shape != y.shape or res_s[n].shape != y.shape:
+                            raise ValueError(f"residual: {n!r} output {tuple(y.shape)} does not have its input's "
+                                             f"shape {tuple(res_s[n].shape)}")
+                        y = y + res_t[n].to(y) - res_s[n].to(y)
                     y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.dim() == 4 else y
                     rows = self._rows(b, cols.shape[1], cols.device)
                     if rows is not None:

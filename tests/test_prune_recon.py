@@ -330,3 +330,26 @@ def test_official_rfdn_reconstruction_recovers_psnr(checkpoints, shared_data):
     after = float(evaluate(small.eval(), bird, progress=False)["psnr_y"])
     assert all(f.error_after <= f.error_before for f in rep.layers)
     assert after > before + 1.0
+
+
+def test_residual_targets_fit_the_sum_of_conv_and_input():
+    net = _net()
+    calib = _calib(24, 12)
+    x = calib.batches[0][:1]
+    small = prune.l2_filter_prune(net, x, ratio=0.5, progress=False)
+    prune.reconstruct(small, net, calib, layers=["head"], progress=False, bias_compensation=False)
+    small.head.weight.data.add_(0.05 * torch.randn_like(small.head.weight))    # make the trunk input drift
+    held = calib.batches[1]
+    keep = prune.kept_channels(net, small.pruning_history, x)
+    rep = prune.reconstruct(small, net, calib, layers=["body"], residual=True, progress=False)
+    assert rep.residual == ["body"]
+    with torch.no_grad():        # the student's body(h_s) + h_s now approximates the teacher's sum
+        h_t, h_s = net.head(held), small.head(held)
+        sum_t = (net.body(h_t) + h_t)[:, keep["body"][0]]
+        err_res = float((small.body(h_s) + h_s - sum_t).pow(2).mean())
+    plain = prune.l2_filter_prune(net, x, ratio=0.5, progress=False)
+    plain.head.load_state_dict(small.head.state_dict())
+    prune.reconstruct(plain, net, calib, layers=["body"], residual=False, progress=False)
+    with torch.no_grad():
+        err_plain = float((plain.body(h_s) + h_s - sum_t).pow(2).mean())
+    assert err_res < err_plain
