@@ -220,9 +220,9 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
     NTIRE/MATLAB convention) unless ``y_round=False``. A pair marked ``gray`` (a single-channel source
     such as Set14's ``bridge``) is measured on one gray channel (HR's channel vs the rounded mean of the
     SR channels) instead of on the replicated RGB copy, as the papers measure it. With ``save_dir`` each SR result is written as
-    ``<save_dir>/<name>.png`` (created if needed). ``progress`` shows a tqdm bar on stderr.
+    ``<save_dir>/<name>.png`` (created if needed). ``progress`` reports on stderr (a bar on a terminal, else plain lines).
     """
-    from tqdm.auto import tqdm
+    from reparam.utils.progress import progress as progress_bar
 
     from . import quality
 
@@ -242,7 +242,7 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
     if total == 0:
         raise ValueError("pairs is empty: nothing to evaluate")
     rows: list[dict[str, Any]] = []
-    bar = tqdm(pairs, total=total, desc="eval", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(pairs, total=total, desc="eval", unit="img", disable=not progress, leave=False)
     try:
         for i, pair in enumerate(bar):
             name, lr, hr = _pair_fields(pair, i)

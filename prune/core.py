@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from reparam.utils.progress import progress as progress_bar
 
 from reparam import RepBlock
 
@@ -138,7 +138,7 @@ def l2_filter_prune(
             default :class:`prune.L2FilterImportance` (per-filter L2 norm).
         flops_input_size: image size for the FLOPs in the report (challenge convention: 3x256x256);
             None skips counting FLOPs.
-        progress: show a tqdm bar over steps.
+        progress: report progress over steps (:func:`reparam.utils.progress.progress`).
 
     Returns:
         The pruned model, with ``.pruning_history`` (replayable by :func:`prune.load`) and
@@ -190,7 +190,7 @@ def l2_filter_prune(
         report.history.append(s)
         return s
 
-    bar = tqdm(total=steps, desc="l2 prune", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="l2 prune", unit="round", disable=not progress, leave=False)
     try:
         for step, r_t in enumerate(ratios, start=1):
             plan = _plan_step(dg, importance, ignored, initial, report, r_t, round_to)

@@ -12,9 +12,9 @@ def log(msg: str, main: bool = True, logfile: Path | None = None) -> None:
     """Print ``[shrink] msg`` on stderr and append it, time-stamped, to ``logfile`` (rank 0 only: ``main``)."""
     if not main:
         return
-    from tqdm.auto import tqdm
+    from reparam.utils.progress import write
 
-    tqdm.write(f"[shrink] {msg}", file=sys.stderr)
+    write(f"[shrink] {msg}", file=sys.stderr)
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(logfile, "a", encoding="utf-8") as fh:

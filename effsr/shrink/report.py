@@ -13,7 +13,8 @@ from reparam.utils.io import atomic_write, write_json, write_text
 
 from .config import PEER_CHECKPOINTS
 
-__all__ = ["PUBLISHED", "measure", "measure_all", "write_outputs", "markdown", "summary_table", "plot_frontier"]
+__all__ = ["PUBLISHED", "measure", "measure_all", "write_outputs", "markdown", "summary_table", "plot_frontier",
+           "frontier_figure", "below_bicubic"]
 
 #: Published numbers (Y-PSNR on Set5 x4, dB) of the peers, from their papers / the NTIRE 2022 ESR report.
 PUBLISHED: dict[str, dict[str, Any]] = {
@@ -80,9 +81,30 @@ def measure_all(state: Any, student: nn.Module, teacher_eval: Mapping[str, Any] 
         for name, pub in PUBLISHED.items():
             if row["arch"] == name or row["label"] == name:
                 row["published"] = pub
-    return {"models": rows, "bicubic": bicubic(state.eval_sets, y_round=cfg.y_round), "y_round": cfg.y_round,
+    bic = bicubic(state.eval_sets, y_round=cfg.y_round)
+    for row in rows:
+        row["below_bicubic"] = below_bicubic(row, bic)
+        if row["below_bicubic"]:
+            state.log(f"WARNING: {row['label']} is worse than bicubic upscaling on {', '.join(row['below_bicubic'])} "
+                      "(PSNR-Y): it has not learned super-resolution (too few steps, or a broken checkpoint?)")
+    return {"models": rows, "bicubic": bic, "y_round": cfg.y_round,
             "eval_sets": list(state.eval_sets),
             "peers_dir": str(peers_dir) if peers_dir else None, "peers_skipped": skipped}
+
+
+def below_bicubic(row: Mapping[str, Any], bicubic: Mapping[str, Any] | None) -> list[str]:
+    """The eval sets on which model ``row`` (a report row) has a lower PSNR-Y than bicubic upscaling."""
+    out = []
+    for name, e in (row.get("eval") or {}).items():
+        b = (bicubic or {}).get(name, {}).get("psnr_y")
+        y = e.get("psnr_y")
+        if b is not None and y is not None and y < b:
+            out.append(name)
+    return out
+
+
+def _below(row: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
+    return list(row["below_bicubic"]) if "below_bicubic" in row else below_bicubic(row, data.get("bicubic"))
 
 
 def bicubic(eval_sets: Mapping[str, list[Any]], y_round: bool = True) -> dict[str, dict[str, float]]:
@@ -122,7 +144,8 @@ def summary_table(data: Mapping[str, Any], markdown_table: bool = True) -> str:
     head.append("published")
     rows = []
     for m in data["models"]:
-        r = [m["label"], f"{m['params']:,}", _fmt(m["flops"] / 1e9, ".2f"), _fmt(m["activations"] / 1e6, ".2f"),
+        flag = " (below bicubic!)" if _below(m, data) and "BELOW BICUBIC" not in m["label"] else ""
+        r = [m["label"] + flag, f"{m['params']:,}", _fmt(m["flops"] / 1e9, ".2f"), _fmt(m["activations"] / 1e6, ".2f"),
              str(m["convs"]), _fmt(m["runtime_ms"], ".1f") + (f" ({m['runtime_device']})" if markdown_table else "")]
         for s in sets:
             e = m["eval"].get(s, {})
@@ -156,7 +179,15 @@ def markdown(data: Mapping[str, Any]) -> str:
              "FLOPs = multiply-accumulates on a 3x256x256 input, activations = conv output elements, convs = conv "
              "layers run (NTIRE ESR convention); runtime = best of "
              f"{cfg.get('runtime_trials')} passes over the first eval set's LR images; PSNR on RGB uint8 outputs, "
-             "4 px shaved, Y = BT.601.", "", summary_table(data), "", "## Stages", ""]
+             "4 px shaved, Y = BT.601.", "", summary_table(data), ""]
+    for m in data["models"]:
+        below = _below(m, data)
+        if below:
+            worse = ", ".join(f"{s} {m['eval'][s]['psnr_y']:.3f} dB vs bicubic {data['bicubic'][s]['psnr_y']:.3f} dB"
+                              for s in below)
+            lines += [f"**Warning: {m['label']} is worse than bicubic upscaling** ({worse}): it has not learned "
+                      "super-resolution; train or distil longer, or check the checkpoint.", ""]
+    lines += ["## Stages", ""]
     for name, info in stages.items():
         if not info:
             lines.append(f"* **{name}**: skipped")
@@ -215,40 +246,67 @@ def _compress_line(info: Mapping[str, Any]) -> str:
     return text
 
 
-def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """``frontier.png``: PSNR-Y on the first eval set vs params and vs FLOPs, every point labelled."""
+#: frontier.png colours by kind; any model below bicubic is drawn in :data:`BELOW_COLOR`.
+KIND_COLORS = {"teacher": "tab:blue", "student": "tab:purple", "peer": "tab:gray"}
+BELOW_COLOR = "red"
+_MARKERS = "o^sDvP<>Xph"
+
+
+def frontier_figure(data: Mapping[str, Any]) -> Any:
+    """The matplotlib figure of ``frontier.png`` (see :func:`plot_frontier`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     first = data["eval_sets"][0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"teacher": "tab:blue", "student": "tab:red", "peer": "tab:gray"}
+    bic = (data.get("bicubic") or {}).get(first, {}).get("psnr_y")
+    points = [m for m in data["models"] if m["eval"].get(first, {}).get("psnr_y") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    handles = []
     for ax, key, scale, xlabel in ((axes[0], "params", 1e3, "parameters [K]"),
                                    (axes[1], "flops", 1e9, "FLOPs (MACs, 3x256x256) [G]")):
-        xs = [m[key] / scale for m in data["models"] if m["eval"].get(first, {}).get("psnr_y") is not None]
-        mid = (min(xs) + max(xs)) / 2 if xs else 0.0
-        for i, m in enumerate(data["models"]):
-            y = m["eval"].get(first, {}).get("psnr_y")
-            if y is None:
-                continue
-            x = m[key] / scale
-            ax.scatter([x], [y], color=colors.get(m["kind"], "k"), s=60 if m["kind"] == "student" else 35,
-                       zorder=3, marker="*" if m["kind"] == "student" else "o")
-            right = x > mid  # labels of right-half points go to their left, so they stay inside the axes
-            ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(-5 if right else 5, 4 if i % 2 else -11),
-                        ha="right" if right else "left", fontsize=8)
-        ax.margins(x=0.08, y=0.12)
-        bic = (data.get("bicubic") or {}).get(first, {}).get("psnr_y")
+        handles = []
+        for i, m in enumerate(points):
+            below = first in _below(m, data)
+            label = m["label"] + (" (below bicubic)" if below and "BELOW BICUBIC" not in m["label"] else "")
+            student = m["kind"] == "student"
+            h = ax.scatter([m[key] / scale], [m["eval"][first]["psnr_y"]], zorder=3, label=label,
+                           color=BELOW_COLOR if below else KIND_COLORS.get(m["kind"], "k"),
+                           marker="*" if student else _MARKERS[i % len(_MARKERS)], s=110 if student else 45,
+                           edgecolors="k", linewidths=0.5)
+            handles.append(h)
+        ys = [m["eval"][first]["psnr_y"] for m in points] + ([bic] if bic is not None else [])
         if bic is not None:
-            ax.axhline(bic, color="tab:green", ls="--", lw=1, label=f"bicubic {bic:.2f} dB")
-            ax.legend(loc="lower right", fontsize=8)
+            handles.append(ax.axhline(bic, color="tab:green", ls="--", lw=1, label=f"bicubic {bic:.2f} dB"))
+        if ys:  # the y-axis always spans bicubic too, so the gap above it is drawn to scale
+            lo, hi = min(ys), max(ys)
+            pad = max(0.05 * (hi - lo), 0.05)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.margins(x=0.08)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"PSNR-Y on {first} [dB]")
         ax.grid(True, alpha=0.3)
+    # one legend under both panels instead of labels next to the points: labels can never overlap
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, max(1, len(handles))), fontsize=8, frameon=False)
+    for text, h in zip(fig.legends[0].get_texts(), handles):
+        if "below bicubic" in text.get_text().lower():
+            text.set_color(BELOW_COLOR)
+    rows = -(-len(handles) // 3)
     fig.suptitle("effsr shrink: quality vs size")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.45, 0.06 * rows + 0.02), 1, 1))
+    return fig
+
+
+def plot_frontier(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """``frontier.png``: PSNR-Y on the first eval set vs params and vs FLOPs.
+
+    Every model is a marker named in one legend under the plots (no labels next to points, so none overlap);
+    the y-axis spans bicubic's PSNR-Y (dashed line) as well; a model below bicubic is drawn and named in red.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(data)
     try:
         return atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
     finally:

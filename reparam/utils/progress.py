@@ -76,6 +76,9 @@ class PlainProgress:
     def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
         self.postfix = {**(ordered_dict or {}), **kwargs}
 
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = {"": s} if s else {}
+
     def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 
@@ -114,7 +117,7 @@ class PlainProgress:
             head = f"{self.n}/{self.total} {self.unit} ({100.0 * self.n / self.total:.0f}%)"
         else:
             head = f"{self.n} {self.unit}"
-        post = ", ".join(f"{k}={v}" for k, v in self.postfix.items())
+        post = ", ".join(f"{k}={v}" if k else str(v) for k, v in self.postfix.items())
         return f"{self.desc + ': ' if self.desc else ''}{head} {elapsed:.1f} s" + (f", {post}" if post else "")
 
     def _emit(self) -> None:
@@ -148,7 +151,8 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
 
     A :mod:`tqdm` bar when ``file`` (default ``sys.stderr``) is a terminal, else a :class:`PlainProgress`
     that prints a line every ``every_percent`` % or ``every_seconds`` s. ``disable=True`` shows nothing.
-    Both support ``update``, ``set_postfix``, ``set_description``, ``close``, iteration and ``with``.
+    Both support ``update``, ``set_postfix``, ``set_postfix_str``, ``set_description``, ``close``, iteration
+    and ``with``.
     """
     stream = file if file is not None else sys.stderr
     mode = "off" if disable else _mode(stream)
