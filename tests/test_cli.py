@@ -293,6 +293,20 @@ def test_eval_unreadable_image_writes_nothing(tmp_path, capsys, rfdn_weights):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+def test_failed_eval_on_hr_only_folder_leaves_the_data_folder_untouched(tmp_path, capsys, rfdn_weights,
+                                                                        monkeypatch):
+    monkeypatch.setenv("EFFSR_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "hr_only"
+    _png(data / "a.png", np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    (data / "b.png").write_bytes(b"not a png")  # fails after the first LR image was generated
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = tmp_path / "r.json"
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights), "--data", str(data),
+                        "--json", str(out), "--no-progress")
+    assert code == 2 and "b.png" in _error_line(err) and not out.exists()
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # no .effsr_cache/ in the data
+
+
 def test_eval_size_mismatch(tmp_path, capsys, rfdn_weights):
     data = _tiny_dataset(tmp_path / "ds", n=1)
     _png(data / "LR_bicubic" / "X4" / "im0x4.png", np.zeros((3, 3, 3), np.uint8))
