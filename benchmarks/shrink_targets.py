@@ -43,6 +43,8 @@ HALF_PARAMS = 216_724
 CONFIGS: dict[str, tuple[dict, float, float]] = {
     "tucker0": ({"method": "tucker", "target_params": MEGSR_PARAMS, "steps": 0}, 31.75, 180),
     "prune0": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "l2"}, 31.50, 180),
+    "prune0_uniform": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "allocation": "uniform"},
+                       31.50, 180),
     "prune0_recon": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "recon"},
                      31.50, 180),
     "auto10": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 250}, 31.95, 600),

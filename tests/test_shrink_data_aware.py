@@ -94,12 +94,13 @@ def test_training_free_prune_meets_budget_beats_plain_l2_and_reloads(tiny, prune
     assert rep["stages"]["distill"] is None  # --steps 0: training-free, no distillation stage
     oneshot = comp["eval"]["eval"]["psnr_y"]
     assert oneshot == pytest.approx(student["eval"]["eval"]["psnr_y"], abs=0)
-    # the plain weight-norm recipe (L2, no reconstruction) at the very ratio the budget search chose
+    # the plain weight-norm recipe (one uniform L2 ratio, no reconstruction) at the same budget
+    ratio = compress._search_ratio(load_student(tiny["weights"]), "params", target)
     plain = tiny["root"] / "plain_l2"
-    assert cli.main(_argv(tiny, plain, "--prune", str(comp["ratio"]), "--steps", "0")) == 0
+    assert cli.main(_argv(tiny, plain, "--prune", str(ratio), "--steps", "0")) == 0
     plain_rep = _report(plain)
     plain_student = next(m for m in plain_rep["models"] if m["kind"] == "student")
-    assert plain_student["params"] == student["params"]
+    assert plain_student["params"] <= target
     assert oneshot > plain_student["eval"]["eval"]["psnr_y"] + 0.05
     # the saved student reloads (recipe: prune history + reconstructed weights) and gives the same PSNR
     reloaded = load_student(prune_run / "student.safetensors")
@@ -171,7 +172,8 @@ def test_flops_budget_in_challenge_convention(tiny):
         assert info["budget_kind"] == "flops"
 
 
-def test_oneshot_is_deterministic_for_a_seed(tiny):
+@pytest.mark.parametrize("allocation, importance", [("sensitivity", "l2"), ("uniform", "recon")])
+def test_oneshot_is_deterministic_for_a_seed(tiny, allocation, importance):
     teacher = load_student(tiny["weights"])
     pairs = list(data.open_dataset(tiny["train"]))
     target = int(0.6 * tiny["params"])
@@ -179,7 +181,7 @@ def test_oneshot_is_deterministic_for_a_seed(tiny):
     for _ in range(2):
         lr, _ = compress.calibration_patches(pairs, 8, 24, 5)
         model, _ = compress.oneshot("prune", teacher, teacher, compress.make_calibration(lr, 255.0, 5), target, None,
-                                    importance="recon")
+                                    importance=importance, allocation=allocation)
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -298,9 +300,9 @@ def test_official_rfdn_training_free_prune_beats_plain_l2(checkpoints, shared_da
     calib = compress.make_calibration(lr, 255.0, 0)
     model, info = compress.oneshot("prune", teacher, teacher, calib, 289_888, None)
     assert info["achieved"] <= 289_888
-    plain = compress._prune_at(teacher, info["ratio"])
+    plain = compress._prune_at(teacher, compress._search_ratio(teacher, "params", 289_888))
     set5 = list(data.open_dataset(shared_data / "set5"))[:2]
     ours = inference.evaluate(model, set5, progress=False)["psnr_y"]
     base = inference.evaluate(plain, set5, progress=False)["psnr_y"]
-    assert sum(p.numel() for p in plain.parameters()) == info["achieved"]
+    assert sum(p.numel() for p in plain.parameters()) <= 289_888
     assert ours > base + 1.0

@@ -46,6 +46,8 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                         "reconstruction-error greedy selection")
     p.add_argument("--calib-images", type=int, default=64, metavar="N",
                    help="calibration LR patches (32 px) cut from the training data")
+    p.add_argument("--allocation", default="sensitivity", metavar="sensitivity|uniform",
+                   help="data-aware pruning: per-group ratios from the calibration sensitivity, or one ratio")
     p.add_argument("--objective", default="psnr", metavar="psnr|runtime",
                    help="--method auto keeps the best held-out PSNR-Y, or with 'runtime' the fastest measured "
                         "student within --objective-tolerance dB of it")
@@ -122,7 +124,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
         method=args.method, importance=args.importance, calib_images=args.calib_images, objective=args.objective,
-        objective_tolerance=args.objective_tolerance)
+        objective_tolerance=args.objective_tolerance, allocation=args.allocation)
     try:
         return cfg.validate()
     except (ValueError, TypeError) as err:
@@ -169,15 +171,20 @@ def _shrink(args: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR", help="output folder")
-    p.add_argument("--steps", type=int, default=60, metavar="N",
-                   help="distillation steps per student stage (default 60)")
+    p.add_argument("--steps", type=int, default=100, metavar="N",
+                   help="distillation steps after the data-aware compression (per stage in the plain recipe)")
     p.add_argument("--teacher-steps", type=int, default=800, metavar="N",
                    help="training steps of the demo teacher (default 800)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random choice in the run")
     p.add_argument("--nf", type=int, default=24, metavar="N", help="teacher width")
-    p.add_argument("--prune", type=float, default=0.3, metavar="RATIO", help="fraction of filters to remove")
-    p.add_argument("--tucker", type=float, default=0.7, metavar="FRACTION",
-                   help="Tucker-2: fraction of each 3x3 conv's parameters to keep")
+    p.add_argument("--target-fraction", type=float, default=0.5, metavar="F",
+                   help="data-aware path: the student keeps at most this fraction of the teacher's params "
+                        "(0: off, use --prune/--tucker)")
+    p.add_argument("--method", default="auto", metavar="prune|tucker|auto", help="data-aware method")
+    p.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
+                   help="plain recipe (with --target-fraction 0): fraction of filters to remove")
+    p.add_argument("--tucker", type=float, default=None, metavar="FRACTION",
+                   help="plain recipe (with --target-fraction 0): Tucker-2, fraction of each 3x3 conv's params kept")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=False,
@@ -202,6 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run_demo(args.out, steps=args.steps, teacher_steps=args.teacher_steps, seed=args.seed, nf=args.nf,
                  prune=args.prune, tucker=args.tucker, device=args.device, resume=args.resume,
+                 target_fraction=args.target_fraction or None, method=args.method,
                  peers=args.peers, progress=not args.no_progress)
     except (ValueError, TypeError) as err:
         raise CLIError(error_line(err)) from err

@@ -26,17 +26,22 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "held_out", "calibration_patches", "make_calibration",
+__all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out", "calibration_patches", "make_calibration",
            "challenge_conv_flops", "budget_of", "check_budget", "oneshot", "choose", "patch_psnr_y",
            "PRUNE_EXAMPLE_SHAPE"]
 
 METHODS = ("prune", "tucker", "auto")
 IMPORTANCES = ("l2", "activation", "recon")
 OBJECTIVES = ("psnr", "runtime")
+#: How pruning spreads a budget over the groups: per-group ratios from the calibration sensitivity
+#: (:func:`prune.budget.prune_to_budget`) or one uniform ratio (bisection).
+ALLOCATIONS = ("sensitivity", "uniform")
+#: LR side of the calibration patches (images smaller than this are left out of the calibration).
+CALIB_PATCH = 32
 #: Tracing input of the pruning graph (ESA needs >= 16 px); recorded in the recipe.
 PRUNE_EXAMPLE_SHAPE = (1, 3, 32, 32)
-#: Largest fraction of each group's filters pruning may remove while searching a budget.
-MAX_PRUNE_RATIO = 0.97
+#: Largest fraction of each group's filters pruning may remove while meeting a budget.
+MAX_PRUNE_RATIO = 0.9
 
 
 def held_out(n: int) -> int:
@@ -66,6 +71,13 @@ def calibration_patches(pairs: Sequence[Any], n: int, patch: int, seed: int, sca
         hrs.append(torch.from_numpy(np.ascontiguousarray(
             hr[y * scale:(y + patch) * scale, x * scale:(x + patch) * scale])).permute(2, 0, 1))
     return torch.stack(lrs).float(), torch.stack(hrs).float()
+
+
+def calibration_patch_size(pairs: Sequence[Any], preferred: int = CALIB_PATCH) -> int:
+    """``preferred`` LR px if some training image is that large, else the largest LR side an image offers
+    (at least 16: ESA's strided conv and 7x7 pool)."""
+    largest = max((min(p.lr.shape[:2]) for p in pairs), default=0)
+    return max(16, min(preferred, largest))
 
 
 def make_calibration(lr: torch.Tensor, input_range: float, seed: int, batch_size: int = 8) -> Any:
@@ -199,23 +211,39 @@ def _importance(name: str, calib: Any) -> Any:
 
 
 def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str, target: float, importance: str,
-                  reconstruct: bool = True, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                  reconstruct: bool = True, progress: bool = False, allocation: str = "sensitivity"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``student`` (a copy) to ``target`` with ``importance``, then reconstruct toward ``teacher``."""
     from prune import HISTORY_ATTR
     from prune.reconstruct import reconstruct as recon
 
     t0 = time.perf_counter()
-    ratio = _search_ratio(student, kind, target)
     imp = _importance(importance, calib)
-    pruned = None
-    for _ in range(20):  # a non-L2 importance may cut whole PixelShuffle atoms differently: re-check the count
-        pruned = _prune_at(student, ratio, imp)
-        if budget_of(pruned, kind) <= target or ratio >= MAX_PRUNE_RATIO:
-            break
-        ratio = min(MAX_PRUNE_RATIO, ratio + 0.005)
-    t_prune = time.perf_counter() - t0
-    info: dict[str, Any] = {"method": "prune", "importance": importance, "ratio": round(ratio, 6),
-                            "history": getattr(pruned, HISTORY_ATTR), "prune_seconds": round(t_prune, 3)}
+    info: dict[str, Any] = {"method": "prune", "importance": importance}
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"--allocation: unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    try:
+        from prune.budget import prune_to_budget
+    except ImportError:  # pragma: no cover - older prune: one uniform ratio
+        prune_to_budget = None
+    if prune_to_budget is not None and allocation == "sensitivity":  # per-group ratios allocated globally from the calibration sensitivity
+        example = torch.zeros(PRUNE_EXAMPLE_SHAPE, device=next(student.parameters()).device)
+        budget = {"target_params": int(target)} if kind == "params" else \
+            {"target_flops": int(target), "flops_fn": lambda m: int(budget_of(m, "flops"))}
+        pruned = prune_to_budget(student, example, calib, importance=imp, max_ratio=MAX_PRUNE_RATIO, **budget)
+        rep = getattr(pruned, "pruning_report", None)
+        info["allocation"] = "sensitivity"
+        if rep is not None and getattr(rep, "groups", None):
+            info["groups"] = [{"name": g.name, "channels": g.channels, "kept": g.kept} for g in rep.groups]
+    else:
+        ratio = _search_ratio(student, kind, target)
+        for _ in range(20):  # another importance may cut whole PixelShuffle atoms differently: re-check
+            pruned = _prune_at(student, ratio, imp)
+            if budget_of(pruned, kind) <= target or ratio >= MAX_PRUNE_RATIO:
+                break
+            ratio = min(MAX_PRUNE_RATIO, ratio + 0.005)
+        info.update({"allocation": "uniform", "ratio": round(ratio, 6)})
+    info.update({"history": getattr(pruned, HISTORY_ATTR), "prune_seconds": round(time.perf_counter() - t0, 3)})
     if reconstruct:
         rep = recon(pruned, teacher, calib, progress=progress)
         info["reconstruction"] = {"layers": len(rep.layers), "passes": rep.passes, "seconds": round(rep.seconds, 3),
@@ -256,18 +284,19 @@ def oneshot_tucker(student: nn.Module, teacher: nn.Module, calib: Any, kind: str
 
 def oneshot(method: str, student: nn.Module, teacher: nn.Module, calib: Any, target_params: int | None,
             target_flops: float | None, importance: str = "l2", min_channels: int = 16,
-            progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+            progress: bool = False, allocation: str = "sensitivity") -> tuple[nn.Module, dict[str, Any]]:
     """One-shot (training-free) student by ``method`` (``prune`` or ``tucker``) meeting the budget (``<=``)."""
     kind, target, arg = _budget(target_params, target_flops)
-    if method == "prune":
-        model, info = oneshot_prune(student, teacher, calib, kind, target, importance, progress=progress)
-    elif method == "tucker":
-        try:
-            model, info = oneshot_tucker(student, teacher, calib, kind, target, min_channels, progress=progress)
-        except ValueError as err:
-            raise ValueError(f"{arg}: {err}") from err
-    else:
+    if method not in ("prune", "tucker"):
         raise ValueError(f"--method: unknown method {method!r}; choose from prune, tucker (or auto)")
+    try:
+        if method == "prune":
+            model, info = oneshot_prune(student, teacher, calib, kind, target, importance, progress=progress,
+                                        allocation=allocation)
+        else:
+            model, info = oneshot_tucker(student, teacher, calib, kind, target, min_channels, progress=progress)
+    except ValueError as err:
+        raise ValueError(f"{arg}: {err}") from err
     got = budget_of(model, kind)
     if got > target:
         raise ValueError(f"{arg}: {method} reached {got:,.0f}, above the budget {target:,.0f}")
@@ -323,7 +352,7 @@ def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torc
     for m in methods:
         model, info = oneshot(m, base, teacher, calib, cfg.target_params, cfg.target_flops,
                               importance=cfg.importance, min_channels=cfg.tucker_min_channels,
-                              progress=cfg.progress)
+                              progress=cfg.progress, allocation=cfg.allocation)
         info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
         prof = metrics.profile(model)
         info.update({"params": prof.params, "flops": prof.flops, "activations": prof.activations,
@@ -353,7 +382,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
                            cfg.tucker_min_channels)
     if cfg.method == "auto" and len(methods) < 2:
         state.log(f"auto: only {methods[0]} can reach the budget")
-    patch = min(32, int(state.patch_size))
+    patch = calibration_patch_size(state.train_pairs)
     n = int(cfg.calib_images)
     lr, hr = calibration_patches(state.train_pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
     rng = float(getattr(state.teacher, "input_range", 255.0))

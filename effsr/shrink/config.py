@@ -89,6 +89,7 @@ class ShrinkConfig:
     calib_images: int = 64
     objective: str = "psnr"
     objective_tolerance: float = 0.1
+    allocation: str = "sensitivity"
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self, check_files: bool = True) -> "ShrinkConfig":
@@ -149,7 +150,11 @@ class ShrinkConfig:
         return self.target_params is not None or self.target_flops is not None
 
     def _check_budget(self) -> None:
-        from .compress import IMPORTANCES, METHODS, OBJECTIVES
+        from .compress import ALLOCATIONS, IMPORTANCES, METHODS, OBJECTIVES
+
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"--allocation: unknown allocation {self.allocation!r}; choose from "
+                             f"{', '.join(ALLOCATIONS)}")
 
         if self.target_params is not None and self.target_flops is not None:
             raise ValueError("--target-params and --target-flops: give one budget, not both")

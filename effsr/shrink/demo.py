@@ -3,8 +3,10 @@
 1. Teacher: a small RFDN (``nf=24``) whose 3x3 convs are ECB blocks, trained briefly in "online" mode on four
    of the photographs bundled with scikit-image (``effsr.data.default_images``), then fused into plain convs
    and verified against its training form on real images.
-2. Student: the fused teacher, pruned (L2 filters, distillation between steps), Tucker-decomposed and
-   distilled -- the same :func:`effsr.shrink.run_shrink` as ``effsr shrink``.
+2. Student: the fused teacher compressed by the data-aware path to at most half its parameters
+   (``--target-params``: calibration patches, one-shot pruning + least-squares reconstruction and data-aware
+   Tucker, the better kept, then distillation) -- the same :func:`effsr.shrink.run_shrink` as ``effsr shrink``.
+   ``--prune`` / ``--tucker`` with ``--target-fraction 0`` run the plain weight-norm recipe instead.
 3. Report: ``report.json``, ``report.md``, ``frontier.png`` for teacher and student, evaluated on the two
    held-out photographs (``camera``, ``coffee``).
 """
@@ -28,6 +30,8 @@ __all__ = ["run_demo", "DEMO_TRAIN", "DEMO_EVAL", "split_default_images"]
 
 DEMO_TRAIN = ("astronaut", "chelsea", "rocket", "motorcycle")
 DEMO_EVAL = ("camera", "coffee")
+#: The demo's student keeps at most this fraction of its teacher's parameters (data-aware path).
+DEMO_TARGET_FRACTION = 0.5
 
 
 def split_default_images() -> tuple[list[Any], list[Any]]:
@@ -79,18 +83,34 @@ def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf:
                    "params_training_form": sum(p.numel() for p in net.parameters())}
 
 
-def run_demo(out: str | Path = "runs/demo", *, steps: int = 60, teacher_steps: int = 800, seed: int = 0, nf: int = 24,
-             prune: float = 0.3, prune_steps: int = 2, tucker: float | None = 0.7, batch_size: int = 8,
+def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: int = 800, seed: int = 0, nf: int = 24,
+             prune: float = 0.0, prune_steps: int = 2, tucker: float | None = None, batch_size: int = 8,
              patch_size: int = 32, teacher_lr: float = 2e-3, lr: float = 5e-4, device: str = "cpu",
              progress: bool = True, peers: bool = False, resume: bool = False,
-             runtime_trials: int = 3) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the report data (also in ``out/report.json``)."""
+             runtime_trials: int = 3, target_fraction: float | None = DEMO_TARGET_FRACTION,
+             method: str = "auto") -> dict[str, Any]:
+    """Run the demo into ``out``; returns the report data (also in ``out/report.json``).
+
+    Default: the data-aware path, a student of at most ``target_fraction`` of the teacher's parameters
+    (``method``: prune / tucker / auto), ``steps`` distillation steps. With ``prune > 0`` or ``tucker`` set
+    (and ``target_fraction=None``) the plain weight-norm recipe runs instead (``steps`` after each stage).
+    """
+    from effsr import models
+
     from .runner import run_shrink
     from .report import read_report
 
     out = Path(out)
     teacher_path = out / "teacher.safetensors"
+    if target_fraction is not None and (isinstance(target_fraction, bool) or not isinstance(target_fraction, (int, float))
+                                        or not 0 < target_fraction < 1):
+        raise ValueError(f"--target-fraction must be in (0, 1), got {target_fraction!r}")
+    budget = None
+    if target_fraction is not None and not (prune or tucker is not None):
+        n = sum(p.numel() for p in models.build("rfdn", nf=nf).parameters()) if isinstance(nf, int) and nf >= 4 else 0
+        budget = int(target_fraction * n)
     cfg = ShrinkConfig(model="rfdn", weights=str(teacher_path), train_data="default", eval_data=["default"],
+                       target_params=budget, method=method,
                        out=str(out), prune=prune, prune_steps=prune_steps, tucker=tucker, steps=steps,
                        batch_size=batch_size, patch_size=patch_size, lr=lr, device=device, seed=seed, resume=resume,
                        peers=peers, runtime_trials=runtime_trials, progress=progress, tucker_min_channels=8)

@@ -112,8 +112,9 @@ def _log(out: Path, msg: str) -> None:
 
 
 def _row_flags(row: dict[str, Any], bicubic: dict[str, Any]) -> None:
-    below = [s for s, e in row["eval"].items()
-             if bicubic.get(s, {}).get("psnr_y") is not None and e["psnr_y"] < bicubic[s]["psnr_y"]]
+    from .report import below_bicubic
+
+    below = below_bicubic(row, bicubic)
     row["below_bicubic"] = below
     if below and "BELOW BICUBIC" not in row["label"]:
         row["label"] += " BELOW BICUBIC"
@@ -174,7 +175,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
         sel = open_train_pairs(cfg.calib_data, None)
     except ValueError as err:
         raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
-    patch = min(32, int(sel.patch_size))
+    patch = compress.calibration_patch_size(list(sel.pairs))
     eval_sets = open_eval_sets(cfg.eval_data, cfg.max_eval_images)
     out.mkdir(parents=True, exist_ok=True)
     fp = cfg.fingerprint()
