@@ -57,7 +57,10 @@ def error_line(exc: BaseException, limit: int = 600) -> str:
         kind, guess = match.groups()
         hint = (f"it looks like the official {guess!r} network (try --model {guess})" if kind.startswith("looks")
                 else f"it fits the default {guess!r} architecture")
-        lines = [hint + ";"] + [part for part in lines if match.group(0) not in part]
+        lines = [part for part in lines if match.group(0) not in part]
+        arg = re.match(r"--[\w-]+: ", lines[0]) if lines else None  # "--weights: ..." keeps naming its argument
+        head = arg.group(0) if arg else ""
+        lines = [head + hint + ";"] + ([lines[0][len(head):]] + lines[1:] if lines else [])
     text = " ".join(lines) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -408,3 +408,16 @@ def test_shrink_patch_size_argument(tmp_path, capsys, rfdn_weights):
     code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data",
                         "default", "--eval-data", "default", "--patch-size", "8", "--out", str(tmp_path / "r"))
     assert code == 2 and "--patch-size" in _error_line(err) and not (tmp_path / "r").exists()
+
+
+def test_shrink_wrong_architecture_hint_reaches_the_user(tmp_path, capsys):
+    from effsr import models
+
+    wrong = tmp_path / "imdn.pth"
+    torch.save(models.build("imdn").state_dict(), wrong)
+    code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(wrong), "--train-data", "default",
+                        "--eval-data", "default", "--out", str(tmp_path / "run"), "--no-progress")
+    line = _error_line(err)
+    assert code == 2 and line.startswith("effsr shrink: error: --weights")
+    assert "looks like the official 'imdn' network (try --model imdn)" in line
+    assert not (tmp_path / "run").exists()
