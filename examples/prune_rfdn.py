@@ -29,6 +29,7 @@ from effsr import models
 from effsr.data import PatchDataset, SRFolder
 from effsr.inference import evaluate
 from effsr.metrics import profile
+from effsr.train import sr_finetune
 
 MEGSR_PARAMS = 289_888
 MEGSR_SET5_Y = 32.12
@@ -118,7 +119,7 @@ def main() -> None:
 
     # Iterative AGP pruning with fine-tuning between rounds, then a final fine-tune.
     step_budget = args.budget * (1 - args.final_share) / args.steps
-    ft_steps = prune.sr_finetune(loader, iterations=10**6, lr=args.lr, max_seconds=step_budget)
+    ft_steps = sr_finetune(loader, 10**6, lr=args.lr, max_seconds=step_budget, progress=False)
     after_steps: list[dict] = []
 
     def finetune(model: torch.nn.Module, step: int) -> dict:
@@ -132,7 +133,7 @@ def main() -> None:
     t0 = time.perf_counter()
     it = prune.l2_filter_prune(net, example, ratio, steps=args.steps, schedule="agp", finetune=finetune,
                                progress=False, importance=criteria[args.importance])
-    final = prune.sr_finetune(loader, iterations=10**6, lr=args.lr / 2, max_seconds=args.budget * args.final_share)
+    final = sr_finetune(loader, 10**6, lr=args.lr / 2, max_seconds=args.budget * args.final_share, progress=False)
     info = final(it, args.steps + 1)
     t_it = time.perf_counter() - t0
     p2 = profile(it)

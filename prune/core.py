@@ -10,10 +10,12 @@ from torch import nn
 from reparam.utils.progress import progress as progress_bar
 
 from reparam import RepBlock
+from reparam.utils.device import model_device
 
 from .graph import SRDependencyGraph, build_graph, channel_atoms, locked_reason
 from .importance import L2FilterImportance
-from .report import PruneReport, StepReport, channels_per_layer, count_flops
+from ._tp_compat import reset_pruning_history
+from .report import FlopsFn, PruneReport, StepReport, channels_per_layer, count_flops
 from .schedule import check_ratio, check_steps, resolve_schedule
 
 __all__ = ["l2_filter_prune", "HISTORY_ATTR", "REPORT_ATTR", "INPUT_SHAPE_ATTR"]
@@ -114,6 +116,7 @@ def l2_filter_prune(
     *,
     importance: Callable[[Any], torch.Tensor | None] | None = None,
     flops_input_size: Sequence[int] | None = (3, 256, 256),
+    flops_fn: FlopsFn | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Structured L2 filter pruning: remove ``ratio`` of the prunable filters in ``steps`` rounds.
@@ -129,7 +132,8 @@ def l2_filter_prune(
         steps, schedule: number of rounds and the cumulative ratio after each: ``"agp"`` (cubic,
             Zhu & Gupta), ``"linear"``, or ``callable(ratio, steps) -> ratios``.
         finetune: ``finetune(model, step)`` is called after each step (1-based). Pruning replaces
-            parameters, so build the optimizer inside it (see :func:`prune.finetune.sr_finetune`).
+            parameters, so build the optimizer inside it (:func:`prune.fresh_optimizer`; a ready-made SR
+            callback is ``effsr.train.sr_finetune``).
             Its return value is stored in the step report.
         ignored_layers: modules (or their names) whose output channels are never pruned.
         round_to: keep channel counts of each group a multiple of this (as torch-pruning's ``round_to``).
@@ -138,6 +142,8 @@ def l2_filter_prune(
             default :class:`prune.L2FilterImportance` (per-filter L2 norm).
         flops_input_size: image size for the FLOPs in the report (challenge convention: 3x256x256);
             None skips counting FLOPs.
+        flops_fn: ``flops_fn(model, input_size) -> int`` counts them (default: the module MAC counter of
+            :mod:`reparam.utils.flops`, the NTIRE counter's convention; ``effsr`` passes its own).
         progress: report progress over steps (:func:`reparam.utils.progress.progress`).
 
     Returns:
@@ -165,14 +171,14 @@ def l2_filter_prune(
         ignored_layers = _ignored_as_names(model, ignored_layers)
         model = copy.deepcopy(model)
     ignored = _resolve_ignored(model, ignored_layers)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     example = example_inputs.detach().to(device)
 
     dg = build_graph(model, example)
     history = list(getattr(model, HISTORY_ATTR, []) or [])
-    dg._pruning_history = []
+    reset_pruning_history(dg)
 
-    flops, source = count_flops(model, flops_input_size)
+    flops, source = count_flops(model, flops_input_size, flops_fn)
     if flops_input_size is not None:
         flops_input_size = tuple(flops_input_size)
     report = PruneReport(ratio=ratio, steps=steps, schedule=ratios, flops_input_size=flops_input_size,
@@ -183,7 +189,7 @@ def l2_filter_prune(
         prunable = sum(initial.values())
         current = channels_per_layer(model)
         removed = sum(initial[n] - current.get(n, initial[n]) for n in initial)
-        fl, _ = count_flops(model, flops_input_size) if step else (flops, source)
+        fl, _ = count_flops(model, flops_input_size, flops_fn) if step else (flops, source)
         s = StepReport(step=step, target_ratio=target, params=sum(p.numel() for p in model.parameters()),
                        flops=fl, removed_filters=removed, prunable_filters=prunable, channels=current,
                        finetune=ft)

@@ -23,11 +23,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning._helpers import UnwrappedParameters, _HybridIndex
-from torch_pruning.pruner.function import BasePruningFunc
 
 from reparam import RepBlock, rep_blocks
 
+from ._tp_compat import BasePruningFunc, HybridIndex, UnwrappedParameters, add_channel_pruning_fns, set_module_name
+from ._tp_compat import module_name as tp_module_name
 from .rep import get_slicer
 
 __all__ = ["SRDependencyGraph", "build_graph", "channel_atoms", "locked_reason", "PixelShuffleIndexError"]
@@ -109,8 +109,8 @@ class _ToShuffled:
     def __init__(self, r2: int, where: str) -> None:
         self.r2, self.where = r2, where
 
-    def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
-        blocks: dict[int, list[_HybridIndex]] = {}
+    def __call__(self, idxs: list[HybridIndex]) -> list[HybridIndex]:
+        blocks: dict[int, list[HybridIndex]] = {}
         for i in idxs:
             blocks.setdefault(i.idx // self.r2, []).append(i)
         out = []
@@ -119,7 +119,7 @@ class _ToShuffled:
                 raise PixelShuffleIndexError(
                     f"{self.where}: channels feeding PixelShuffle must be pruned in whole blocks of "
                     f"{self.r2} (block {c} would be pruned partially)")
-            out.extend(_HybridIndex(idx=c, root_idx=m.root_idx) for m in members)
+            out.extend(HybridIndex(idx=c, root_idx=m.root_idx) for m in members)
         return out
 
 
@@ -129,13 +129,13 @@ class _FromShuffled:
     def __init__(self, r2: int) -> None:
         self.r2 = r2
 
-    def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
+    def __call__(self, idxs: list[HybridIndex]) -> list[HybridIndex]:
         seen, out = set(), []
         for i in idxs:
             if i.idx in seen:
                 continue
             seen.add(i.idx)
-            out.extend(_HybridIndex(idx=i.idx * self.r2 + k, root_idx=i.root_idx) for k in range(self.r2))
+            out.extend(HybridIndex(idx=i.idx * self.r2 + k, root_idx=i.root_idx) for k in range(self.r2))
         return out
 
 
@@ -156,7 +156,7 @@ class SRDependencyGraph(tp.DependencyGraph):
         return super().get_pruner_of_module(module)
 
     def module_name(self, module: Any) -> str:
-        return self._module2name.get(module, str(module))
+        return tp_module_name(self, module)
 
 
 @contextlib.contextmanager
@@ -248,10 +248,9 @@ def build_graph(model: nn.Module, example_inputs: Any) -> SRDependencyGraph:
         dg.build_dependency(model, example_inputs=example_inputs, forward_fn=_forward, customized_pruners=customized,
                             unwrapped_parameters=unwrapped, verbose=False)
     for p in {id(p): p for p in coupled_pruners.values()}.values():
-        dg._in_channel_pruning_fn.add(p.prune_in_channels)
-        dg._out_channel_pruning_fn.add(p.prune_out_channels)
+        add_channel_pruning_fns(dg, p)
     for inp in dg.input_params:
-        dg._module2name[inp] = "<network input>"
+        set_module_name(dg, inp, "<network input>")
     _add_pixel_shuffle_mappings(dg)
     return dg
 

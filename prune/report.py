@@ -1,60 +1,52 @@
 """Per-step pruning report: parameters, FLOPs (challenge convention), channels per layer, locked layers."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from reparam import RepBlock
+from reparam.utils.flops import profile_macs
+from reparam.utils.io import write_json
+from reparam.utils.modules import outermost
 
-__all__ = ["StepReport", "PruneReport", "channels_per_layer", "count_flops"]
+__all__ = ["StepReport", "PruneReport", "channels_per_layer", "count_flops", "FlopsFn"]
 
 
 def channels_per_layer(model: nn.Module) -> dict[str, int]:
     """Output channels of every Conv2d / Linear / outermost RepBlock (convs inside rep blocks omitted)."""
     out: dict[str, int] = {}
-
-    def walk(m: nn.Module, prefix: str) -> None:
-        for name, child in m.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, RepBlock):
-                out[full] = child.out_channels
-            elif isinstance(child, nn.Conv2d):
-                out[full] = child.out_channels
-            elif isinstance(child, nn.Linear):
-                out[full] = child.out_features
-            else:
-                walk(child, full)
-
-    walk(model, "")
+    for name, m in outermost(model, lambda m: isinstance(m, (RepBlock, nn.Conv2d, nn.Linear))):
+        if name:
+            out[name] = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     return out
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int | None, str]:
-    """FLOPs (multiply-accumulates, NTIRE ESR convention) for one image of ``input_size``.
+#: ``flops_fn(model, input_size) -> int``: FLOPs of ``model`` for one image of ``input_size`` (C, H, W).
+FlopsFn = Callable[[nn.Module, Tuple[int, ...]], int]
 
-    Uses ``effsr.metrics.profile`` (Conv2d/Linear/activation/BN MACs); falls back to torch-pruning's
-    ``count_ops_and_params`` (MACs of its supported layers) if effsr.metrics is unavailable. Returns
-    ``(flops, source)``; ``(None, "not counted")`` when ``input_size`` is None.
+
+def count_flops(model: nn.Module, input_size: Sequence[int] | None,
+                flops_fn: FlopsFn | None = None) -> tuple[int | None, str]:
+    """FLOPs of ``model`` for one image of ``input_size``; returns ``(flops, source)``.
+
+    ``flops_fn(model, input_size)`` counts them (e.g. ``lambda m, s: effsr.metrics.profile(m, s).flops``);
+    by default :func:`reparam.utils.flops.profile_macs` with its default convention: multiply-accumulates
+    of Conv2d/ConvTranspose2d/Linear modules plus one per ReLU-family activation output and BatchNorm2d
+    (the NTIRE efficient-SR counter's convention). ``(None, "not counted")`` when ``input_size`` is None.
     """
     if input_size is None:
         return None, "not counted"
-    try:
-        from effsr.metrics import profile
-    except ImportError:  # pragma: no cover - effsr is part of this project
-        profile = None
-    if profile is not None:
-        return int(profile(model, input_size=tuple(input_size)).flops), "effsr.metrics.profile"
-    import torch_pruning as tp  # pragma: no cover
-    p = next(model.parameters())  # pragma: no cover
-    x = torch.zeros((1, *input_size), device=p.device, dtype=p.dtype)  # pragma: no cover
-    macs, _ = tp.utils.count_ops_and_params(model, x)  # pragma: no cover
-    return int(macs), "torch_pruning.utils.count_ops_and_params"  # pragma: no cover
+    size = tuple(int(v) for v in input_size)
+    if flops_fn is None:
+        return int(profile_macs(model, size).macs), "reparam.utils.flops.profile_macs (module MACs)"
+    if not callable(flops_fn):
+        raise TypeError(f"flops_fn must be a callable (model, input_size) -> int, got {type(flops_fn).__name__}")
+    name = getattr(flops_fn, "__qualname__", type(flops_fn).__name__)
+    return int(flops_fn(model, size)), f"{getattr(flops_fn, '__module__', '?')}.{name}"
 
 
 @dataclass
@@ -102,10 +94,7 @@ class PruneReport:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.as_dict(), indent=2, default=str))
-        return p
+        return write_json(path, self.as_dict(), default=str)
 
     def summary(self) -> str:
         """A few human-readable lines."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
 from .base import FuseModeWarning, RepBlock
+from .utils.modules import outermost
+from .utils.modules import sites as module_sites
 
 __all__ = ["BLOCKS", "get_block", "fuse_all", "set_mode", "repify", "rep_blocks", "name_selector", "Selector"]
 
@@ -33,20 +35,8 @@ def get_block(block: str | type[RepBlock]) -> type[RepBlock]:
     raise TypeError(f"block must be a RepBlock subclass or a name, got {type(block).__name__}")
 
 
-def _sites(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """Every place a submodule sits in ``model``: ``(dotted name, parent, attribute, child)``.
-
-    Unlike ``named_modules`` this keeps repeats: a module registered at two places (``Sequential(b, act, b)``,
-    or one conv assigned to two attributes) is yielded at each of them. It does not descend into
-    RepBlocks (their internals are the block's business).
-    """
-    for attr, child in model._modules.items():
-        if child is None:
-            continue
-        name = f"{prefix}.{attr}" if prefix else attr
-        yield name, model, attr, child
-        if not isinstance(child, RepBlock):
-            yield from _sites(child, name)
+def _not_block(m: nn.Module) -> bool:
+    return not isinstance(m, RepBlock)  # a block's internals are the block's business
 
 
 def rep_blocks(model: nn.Module, remove_duplicate: bool = True) -> Iterable[tuple[str, RepBlock]]:
@@ -54,16 +44,7 @@ def rep_blocks(model: nn.Module, remove_duplicate: bool = True) -> Iterable[tupl
 
     A block registered at several places is listed once (at its first name) unless ``remove_duplicate=False``.
     """
-    if isinstance(model, RepBlock):
-        yield "", model
-        return
-    seen: set[int] = set()
-    for name, _, _, child in _sites(model):
-        if isinstance(child, RepBlock):
-            if remove_duplicate and id(child) in seen:
-                continue
-            seen.add(id(child))
-            yield name, child
+    return outermost(model, lambda m: isinstance(m, RepBlock), duplicates=not remove_duplicate)
 
 
 def fuse_all(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -80,7 +61,8 @@ def fuse_all(model: nn.Module, inplace: bool = False) -> nn.Module:
     if isinstance(model, RepBlock):
         return model.fuse()
     out = model if inplace else copy.deepcopy(model)
-    sites = [(parent, attr, child) for _, parent, attr, child in _sites(out) if isinstance(child, RepBlock)]
+    sites = [(parent, attr, child) for _, parent, attr, child in module_sites(out, descend=_not_block)
+             if isinstance(child, RepBlock)]
     if any(b.training and b.has_batchnorm() for _, _, b in sites):
         warnings.warn(
             "fuse_all: fusing BatchNorm blocks while the model is in training mode; the fused convs use the BN "
@@ -153,7 +135,7 @@ def repify(
     explicit = include is not None
     out = model if inplace else copy.deepcopy(model)
     places: dict[int, tuple[nn.Conv2d, list[tuple[str, nn.Module, str]]]] = {}
-    for name, parent, attr, child in _sites(out):
+    for name, parent, attr, child in module_sites(out, descend=_not_block):
         if type(child) is nn.Conv2d:
             places.setdefault(id(child), (child, []))[1].append((name, parent, attr))
     for conv, where in places.values():

@@ -299,7 +299,11 @@ def test_ratio_and_round_to_semantics():
     out = _prune(net, 0.5, round_to=4, flops_input_size=(3, 32, 32))
     report = out.pruning_report
     final = report.history[-1]
-    assert 0 < final.flops < report.history[0].flops and report.flops_source == "effsr.metrics.profile"
+    assert 0 < final.flops < report.history[0].flops and report.flops_source.startswith("reparam.utils.flops")
+    # the toolkit's default counter uses the challenge's convention: it agrees with effsr.metrics exactly
+    from effsr import metrics
+    assert final.flops == metrics.profile(out, (3, 32, 32)).flops
+    assert report.history[0].flops == metrics.profile(net, (3, 32, 32)).flops
     assert final.removed_fraction == pytest.approx(0.5, abs=0.1)
     for root, n0 in report.groups.items():
         assert final.channels[root] % 4 == 0 or final.channels[root] == n0
@@ -475,11 +479,26 @@ def test_unknown_rep_block_is_reported_and_left_alone():
 
 
 # ----------------------------------------------------------------------------------- fine-tuning
+def test_flops_fn_is_injected():
+    net = _small("rfdn")
+    seen = []
+
+    def flops_fn(model, size):
+        seen.append(size)
+        return 7
+
+    out = _prune(net, 0.5, flops_input_size=(3, 16, 16), flops_fn=flops_fn)
+    assert [h.flops for h in out.pruning_report.history] == [7, 7] and seen == [(3, 16, 16)] * 2
+    assert out.pruning_report.flops_source.endswith("flops_fn")
+
+
 def test_finetune_is_called_after_each_step_with_a_fresh_optimizer():
+    from effsr.train import sr_finetune
+
     net = _small("rfdn", nf=8, num_blocks=1)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 64, 64, generator=g)) for _ in range(2)]
-    ft = prune.sr_finetune(batches, iterations=1, lr=1e-3, progress=False)
+    pairs = [(torch.rand(3, 16, 16, generator=g), torch.rand(3, 64, 64, generator=g)) for _ in range(2)]
+    ft = sr_finetune(pairs, 1, lr=1e-3, batch_size=1, progress=False)  # the SR callback lives in effsr
     calls = []
 
     def finetune(model, step):

@@ -27,6 +27,7 @@ from torch import nn
 
 import reparam
 from reparam import RepBlock
+from reparam.utils.modules import named_modules, outermost, replace_module
 
 __all__ = ["normalize_conv", "apply_conv", "conv_slots", "is_slot"]
 
@@ -108,14 +109,9 @@ def _split(spec: str | dict[str, Any] | type) -> tuple[type[RepBlock] | None, li
 
 
 def conv_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) of every conv slot of ``model``: plain slot convs and rep blocks."""
-    return [(n, m) for n, m in model.named_modules() if n and (is_slot(m) or isinstance(m, RepBlock))
-            and not _inside_block(model, n)]
-
-
-def _inside_block(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), RepBlock) for i in range(1, len(parts)))
+    """The (name, module) of every conv slot of ``model``: plain slot convs and rep blocks (not the convs
+    inside a block); a slot used at several places is listed under each name."""
+    return [(n, m) for n, m in outermost(model, lambda m: is_slot(m) or isinstance(m, RepBlock)) if n]
 
 
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
@@ -124,17 +120,12 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
 
 def _targets(model: nn.Module, cls: type[RepBlock], include: list[str] | None) -> list[tuple[str, nn.Conv2d]]:
     """The slots of plain ``model`` that ``cls`` fills under ``include`` (raises if ``include`` matches none)."""
-    slots = [(n, m) for n, m in model.named_modules() if n and is_slot(m)]
+    slots = [(n, m) for n, m in named_modules(model) if is_slot(m)]  # every place of a shared conv
     chosen = [(n, m) for n, m in slots if _matches(n, include)]
     if not chosen:
         raise ValueError(f"conv: 'include' {include} matches none of the 3x3 convs: {[n for n, _ in slots]}")
     # e.g. RRRB on a conv that changes the width: stays a plain conv
     return [(n, m) for n, m in chosen if cls.allows_in_ne_out or m.in_channels == m.out_channels]
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def _make(cls: type[RepBlock], conv: nn.Conv2d, options: dict[str, Any], pretrained: bool) -> RepBlock:
@@ -158,6 +149,9 @@ def apply_conv(model: nn.Module, spec: str | dict[str, Any] | type, pretrained: 
     cls, include, options = _split(spec)
     if cls is None:
         return model
+    made: dict[int, RepBlock] = {}  # a conv used at several places becomes one block used at those places
     for name, conv in _targets(model, cls, include):
-        _set(model, name, _make(cls, conv, options, pretrained))
+        if id(conv) not in made:
+            made[id(conv)] = _make(cls, conv, options, pretrained)
+        replace_module(model, name, made[id(conv)])
     return model

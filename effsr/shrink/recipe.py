@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from effsr.models.registry import register_loader
+from reparam.utils.modules import replace_module
 
 __all__ = [
     "FORMAT", "METADATA_KEY", "new_recipe", "add_op", "build_from_recipe", "save_student", "load_student",
@@ -95,11 +96,6 @@ def _tucker_shell(conv: nn.Conv2d, r_out: int, r_in: int) -> nn.Module:
     return seq
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def tucker_ranks(model: nn.Module) -> dict[str, list[int]]:
     """``{layer name: [r_out, r_in]}`` of every :class:`decompose.TuckerConv` in ``model``."""
     from decompose import TuckerConv
@@ -138,7 +134,7 @@ def _replay(model: nn.Module, op: Mapping[str, Any]) -> nn.Module:
         return reparam.fuse_all(model, inplace=True)
     if kind == "tucker":
         for name, (r_out, r_in) in op["ranks"].items():
-            _set(model, name, _tucker_shell(model.get_submodule(name), int(r_out), int(r_in)))
+            replace_module(model, name, _tucker_shell(model.get_submodule(name), int(r_out), int(r_in)))
         return model
     raise ValueError(f"recipe: unknown op {kind!r}")  # pragma: no cover - _check_recipe rejects it
 
