@@ -12,9 +12,9 @@ check (``load_student(student.safetensors)`` evaluated again must give the repor
 Configurations (``--configs``, comma-separated; results are merged into ``bench_results/shrink_targets.json``,
 a configuration already there is skipped unless ``--force``):
 
-* ``tucker0`` / ``prune0`` / ``prune0_recon``: training-free (``--steps 0``) to <= 289,888 params
-  (targets 31.75 / 31.50 / 31.50 dB Set5, <= 3 min);
-* ``auto10``: ``--method auto`` + distillation sized to ~10 min (target 31.95 dB);
+* ``tucker0`` / ``prune0`` (+ ``prune0_budget``, ``prune0_activation``): training-free (``--steps 0``) to
+  <= 289,888 params (targets 31.75 / 31.50 dB Set5, <= 3 min);
+* ``tucker10`` / ``auto10``: + distillation sized to ~10 min on 2 cores (target 31.95 dB);
 * ``auto30``: ~30 min (target 32.05 dB); ``half30``: <= 216,724 params, ~30 min (target 31.70 dB).
 """
 from __future__ import annotations
@@ -42,13 +42,15 @@ HALF_PARAMS = 216_724
 #: name -> (settings, Set5 target dB, time target s)
 CONFIGS: dict[str, tuple[dict, float, float]] = {
     "tucker0": ({"method": "tucker", "target_params": MEGSR_PARAMS, "steps": 0}, 31.75, 180),
-    "prune0": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "l2"}, 31.50, 180),
-    "prune0_uniform": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "allocation": "uniform"},
-                       31.50, 180),
-    "prune0_recon": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "importance": "recon"},
-                     31.50, 180),
-    "auto10": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 250}, 31.95, 600),
+    # pruning defaults: reconstruction-error importance, one uniform ratio (measured better than the
+    # sensitivity allocation on RFDN, bench_results/oneshot_prune.json)
+    "prune0": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0}, 31.50, 180),
+    "prune0_budget": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0, "allocation": "sensitivity"},
+                      31.50, 180),
+    "prune0_activation": ({"method": "prune", "target_params": MEGSR_PARAMS, "steps": 0,
+                           "importance": "activation"}, 31.50, 180),
     "tucker10": ({"method": "tucker", "target_params": MEGSR_PARAMS, "steps": 250}, 31.95, 600),
+    "auto10": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 200}, 31.95, 600),
     "auto30": ({"method": "auto", "target_params": MEGSR_PARAMS, "steps": 1000}, 32.05, 1800),
     "half30": ({"method": "auto", "target_params": HALF_PARAMS, "steps": 1000}, 31.70, 1800),
 }

@@ -211,7 +211,7 @@ def _importance(name: str, calib: Any) -> Any:
 
 
 def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str, target: float, importance: str,
-                  reconstruct: bool = True, progress: bool = False, allocation: str = "sensitivity"
+                  reconstruct: bool = True, progress: bool = False, allocation: str = "uniform"
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``student`` (a copy) to ``target`` with ``importance``, then reconstruct toward ``teacher``."""
     from prune import HISTORY_ATTR
@@ -283,8 +283,8 @@ def oneshot_tucker(student: nn.Module, teacher: nn.Module, calib: Any, kind: str
 
 
 def oneshot(method: str, student: nn.Module, teacher: nn.Module, calib: Any, target_params: int | None,
-            target_flops: float | None, importance: str = "l2", min_channels: int = 16,
-            progress: bool = False, allocation: str = "sensitivity") -> tuple[nn.Module, dict[str, Any]]:
+            target_flops: float | None, importance: str = "recon", min_channels: int = 16,
+            progress: bool = False, allocation: str = "uniform") -> tuple[nn.Module, dict[str, Any]]:
     """One-shot (training-free) student by ``method`` (``prune`` or ``tucker``) meeting the budget (``<=``)."""
     kind, target, arg = _budget(target_params, target_flops)
     if method not in ("prune", "tucker"):

@@ -85,11 +85,11 @@ class ShrinkConfig:
     target_params: int | None = None
     target_flops: float | None = None  #: G MACs on 3x256x256 (challenge convention)
     method: str = "auto"
-    importance: str = "l2"
+    importance: str = "recon"
     calib_images: int = 64
     objective: str = "psnr"
     objective_tolerance: float = 0.1
-    allocation: str = "sensitivity"
+    allocation: str = "uniform"
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self, check_files: bool = True) -> "ShrinkConfig":

@@ -44,7 +44,7 @@ class FrontierConfig:
     budgets: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.67, 0.5, 0.33])
     methods: list[str] = dataclasses.field(default_factory=lambda: list(FRONTIER_METHODS))
     calib_images: int = 64
-    importance: str = "l2"
+    importance: str = "recon"
     tucker_min_channels: int = 16
     seed: int = 0
     device: str = "cpu"
