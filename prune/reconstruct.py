@@ -58,6 +58,7 @@ class LayerFit:
 class ReconstructionReport:
     layers: list[LayerFit] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
+    residual: list[str] = field(default_factory=list)
     passes: int = 0
     seconds: float = 0.0
     ridge: float = 0.0
@@ -177,6 +178,7 @@ def reconstruct(
     history: Sequence[Sequence[Any]] | None = None,
     bias_compensation: bool = True,
     solve: bool = True,
+    residual: bool = False,
     example_inputs: Tensor | None = None,
     progress: bool = True,
 ) -> ReconstructionReport:
@@ -194,6 +196,9 @@ def reconstruct(
         history: pruning history (default ``student.pruning_history``; empty: nothing removed).
         bias_compensation: add ``W_removed . E[x_removed]`` to the bias of convs with removed inputs.
         solve: False: only bias compensation (no least squares).
+        residual: for convs whose output is added to their own input (``conv(x) + x``, found in the
+            autograd graph), fit the *sum* to the teacher's: target ``Y_t + x_t - x_s``, which also
+            corrects the drift the student's input has accumulated upstream.
         example_inputs: tracing input for the history replay (default zeros of the recorded shape).
         progress: report progress over the layers (:func:`reparam.utils.progress.progress`).
 
@@ -209,7 +214,8 @@ def reconstruct(
     ridge = _check_ridge(ridge)
     if order != "forward":
         raise ValueError(f"order must be 'forward', got {order!r}")
-    for flag, v in (("bias_compensation", bias_compensation), ("solve", solve), ("progress", progress)):
+    for flag, v in (("bias_compensation", bias_compensation), ("solve", solve), ("progress", progress),
+                    ("residual", residual)):
         if not isinstance(v, bool):
             raise TypeError(f"{flag} must be a bool")
     t0 = time.perf_counter()
@@ -268,6 +274,9 @@ def reconstruct(
     # -------- forward-order solves, block by block, several convs reading the same tensor per pass
     todo = [n for n in _order(student, calibration, s_units) if n in chosen] if solve else []
     groups, blockable = _schedule(student, calibration, todo)
+    res_layers = _residual_layers(student, calibration, todo) if residual else set()
+    res_index = {n: keep[n][1] for n in res_layers if keep[n][0] == keep[n][1]}
+    report.residual = sorted(res_index)
     s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
     bar = progress_bar(total=len(todo), desc="reconstruct", unit="layer", disable=not progress, leave=False)
     cache: tuple[str, Calibration, list[Tensor]] | None = None
@@ -282,11 +291,13 @@ def reconstruct(
                              calibration.module_inputs(teacher, blk))
                 rel = {n: n[len(blk) + 1:] if n != blk else "" for n in names}
                 st = cache[1].collect(s_mods[blk], [rel[n] for n in names], teacher=t_mods[blk],
-                                      out_index={rel[n]: v for n, v in out_index.items()}, teacher_inputs=cache[2])
+                                      out_index={rel[n]: v for n, v in out_index.items()}, teacher_inputs=cache[2],
+                                      residual={rel[n]: v for n, v in res_index.items() if n in rel})
                 stats = {n: st[rel[n]] for n in names}
             else:
                 cache = None
-                stats = calibration.collect(student, names, teacher=teacher, out_index=out_index)
+                stats = calibration.collect(student, names, teacher=teacher, out_index=out_index,
+                                            residual={n: v for n, v in res_index.items() if n in names})
             report.passes += 1
             dt = (time.perf_counter() - ts) / len(names)
             for n in names:
@@ -319,6 +330,52 @@ def _solve_one(n: str, m: nn.Module, t: nn.Module, st: ConvStats, keep: tuple[li
 def _order(model: nn.Module, calibration: Calibration, units: dict[str, nn.Module]) -> list[str]:
     order = calibration.execution_order(model, list(units))
     return order + [n for n in units if n not in order]
+
+
+def _residual_layers(model: nn.Module, calibration: Calibration, names: list[str]) -> set[str]:
+    """Layers whose output is summed with their own input (an ``Add`` node of the autograd graph whose
+    operands are exactly the layer's output and input)."""
+    if not names:
+        return set()
+    mods = dict(model.named_modules())
+    io: dict[str, tuple[Any, Any]] = {}
+
+    def hook(n: str):
+        def h(_m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            o = out[0] if isinstance(out, (tuple, list)) else out
+            io.setdefault(n, (inp[0].grad_fn, o.grad_fn))
+        return h
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    flags = {m: m.training for m in model.modules()}
+    p = next(model.parameters())
+    x = calibration.batches[0][:1].to(device=p.device, dtype=p.dtype).clone().requires_grad_(True)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags.items():
+            m.training = t
+    adds: list[set[int]] = []
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in (out if isinstance(out, (tuple, list)) else [out]) if o.grad_fn is not None]
+    while stack:
+        f = stack.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        nxt = [g for g, _ in f.next_functions if g is not None]
+        if type(f).__name__.startswith("AddBackward"):
+            adds.append({id(g) for g in nxt})
+        stack.extend(nxt)
+    res = set()
+    for n, (fin, fout) in io.items():
+        if fin is not None and fout is not None and any({id(fin), id(fout)} == a for a in adds):
+            res.add(n)
+    return res
 
 
 def _block_of(name: str) -> str | None:
