@@ -26,10 +26,10 @@ from reparam.utils.progress import progress as progress_bar
 
 from .budget import LayerChoices, allocate, bilinear_cost, conv_macs
 from .data_aware import data_aware_tucker, rank_curves
-from .model import ONE_BY_ONE_REASON, _check_spec_type, _rank_for, _rel_error, _row, eligible_convs
+from .model import ONE_BY_ONE_REASON, check_spec_type, rank_for, layer_rel_error, report_row, eligible_convs
 from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import TuckerReport
-from .tucker import TuckerConv, _build
+from .tucker import TuckerConv, build_tucker_conv
 from reparam.convert import Selector, name_selector
 
 __all__ = ["data_aware_tucker_model"]
@@ -223,7 +223,7 @@ def data_aware_tucker_model(
             if not all(isinstance(k, str) for k in rank):
                 raise RankError("rank: dict keys must be layer names or patterns (str)")
         else:
-            _check_spec_type(rank)
+            check_spec_type(rank)
     calib = _as_calibration(calibration)
     select = name_selector(include, "include", True)
     reject = name_selector(exclude, "exclude", False)
@@ -268,7 +268,7 @@ def data_aware_tucker_model(
     if rank is not None:
         for n in candidates:
             names, conv = by_name[n]
-            spec, explicit = _rank_for(names, rank)
+            spec, explicit = rank_for(names, rank)
             if spec is None:
                 rows[n] = "no rank given for this layer"
                 continue
@@ -311,16 +311,16 @@ def data_aware_tucker_model(
                 w = _np(conv.weight)
                 fit = data_aware_tucker(w, None if conv.bias is None else _np(conv.bias), _np(st.xtx),
                                         _np(st.xty), _np(st.yty), ranks[n], ridge=ridge, refine=refine)
-                seq = _build(conv, fit.core, fit.last, fit.first.T)
+                seq = build_tucker_conv(conv, fit.core, fit.last, fit.first.T)
                 if conv.bias is not None:
                     with torch.no_grad():
                         seq[2].bias.copy_(torch.from_numpy(fit.bias))
                 replace.append((names, seq))
                 cout, cin, kh, kw = w.shape
-                report_rows[n] = _row(n, conv, status="decomposed", rank_out=ranks[n][0], rank_in=ranks[n][1],
+                report_rows[n] = report_row(n, conv, status="decomposed", rank_out=ranks[n][0], rank_in=ranks[n][1],
                                       params_after=tucker_params(cout, cin, kh, kw, conv.bias is not None,
                                                                  *ranks[n]),
-                                      rel_error=_rel_error(conv, seq), calib_error_before=e_before / ysum,
+                                      rel_error=layer_rel_error(conv, seq), calib_error_before=e_before / ysum,
                                       calib_error_after=fit.error / ysum, seconds=time.perf_counter() - t0,
                                       reason="; ".join(x for x in (f"input subspace: {fit.subspace}", shared) if x))
             else:
@@ -336,7 +336,7 @@ def data_aware_tucker_model(
                 else:
                     e_after, note = e_before, "refit kept the old weights (no gain)"
                 why = rows.get(n, "")
-                report_rows[n] = _row(n, conv, status="refit", calib_error_before=e_before / ysum,
+                report_rows[n] = report_row(n, conv, status="refit", calib_error_before=e_before / ysum,
                                       calib_error_after=e_after / ysum, seconds=time.perf_counter() - t0,
                                       reason="; ".join(x for x in (note, why, shared) if x))
             bar.update(1)
@@ -348,7 +348,7 @@ def data_aware_tucker_model(
     final = []
     for names, conv in convs:
         n = names[0]
-        final.append(report_rows[n] if n in report_rows else _row(n, conv, reason=rows.get(n, "skipped")))
+        final.append(report_rows[n] if n in report_rows else report_row(n, conv, reason=rows.get(n, "skipped")))
     params_after = sum(p.numel() for p in out.parameters())
     spec = ("data-aware " + (f"rank={rank!r}" if rank is not None and not isinstance(rank, Mapping) else
                              "per-layer dict" if rank is not None else

@@ -13,7 +13,7 @@ from reparam.utils.progress import progress as progress_bar
 
 from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import LayerReport, TuckerReport
-from .tucker import TuckerConv, _build, recompose, tucker_factors
+from .tucker import TuckerConv, build_tucker_conv, recompose, tucker_factors
 from reparam.convert import Selector, name_selector
 
 __all__ = ["tucker_model", "recompose_model", "eligible_convs"]
@@ -50,7 +50,7 @@ def _fmt2(t: Any) -> str:
     return "x".join(str(v) for v in t) if isinstance(t, tuple) else str(t)
 
 
-def _row(name: str, conv: nn.Conv2d, **kw: Any) -> LayerReport:
+def report_row(name: str, conv: nn.Conv2d, **kw: Any) -> LayerReport:
     p = sum(t.numel() for t in conv.parameters())
     base = dict(name=name, status="skipped", in_channels=conv.in_channels, out_channels=conv.out_channels,
                 kernel_size=_fmt2(conv.kernel_size), stride=_fmt2(conv.stride), groups=conv.groups,
@@ -59,7 +59,7 @@ def _row(name: str, conv: nn.Conv2d, **kw: Any) -> LayerReport:
     return LayerReport(**base)
 
 
-def _rank_for(names: list[str], rank: Any) -> tuple[Any, bool]:
+def rank_for(names: list[str], rank: Any) -> tuple[Any, bool]:
     """(rank spec for this layer, whether the user named it explicitly) from a global spec or a dict."""
     if isinstance(rank, Mapping):
         for n in names:
@@ -113,7 +113,7 @@ def tucker_model(
         raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
     # validate a global spec's type once, up front (per-layer range problems are reported per layer)
     if rank is not None and not isinstance(rank, Mapping):
-        _check_spec_type(rank)
+        check_spec_type(rank)
     select = name_selector(include, "include", True)
     reject = name_selector(exclude, "exclude", False)
     spec_text = f"energy={energy}" if energy is not None else (
@@ -132,23 +132,23 @@ def tucker_model(
         bar.set_postfix_str(name, refresh=False)
         t0 = time.perf_counter()
         if not any(select(n, conv) for n in names):
-            rows.append(_row(name, conv, reason="not included" + shared))
+            rows.append(report_row(name, conv, reason="not included" + shared))
             continue
         if any(reject(n, conv) for n in names):
-            rows.append(_row(name, conv, reason="excluded" + shared))
+            rows.append(report_row(name, conv, reason="excluded" + shared))
             continue
         if conv.groups != 1:
-            rows.append(_row(name, conv, reason=f"grouped/depthwise conv (groups={conv.groups})" + shared))
+            rows.append(report_row(name, conv, reason=f"grouped/depthwise conv (groups={conv.groups})" + shared))
             continue
         if conv.kernel_size == (1, 1) and not include_1x1:
-            rows.append(_row(name, conv, reason=ONE_BY_ONE_REASON + shared))
+            rows.append(report_row(name, conv, reason=ONE_BY_ONE_REASON + shared))
             continue
         if min(conv.in_channels, conv.out_channels) < min_channels:
-            rows.append(_row(name, conv, reason=f"fewer than min_channels={min_channels} channels" + shared))
+            rows.append(report_row(name, conv, reason=f"fewer than min_channels={min_channels} channels" + shared))
             continue
-        spec, explicit = _rank_for(names, rank) if rank is not None else (None, False)
+        spec, explicit = rank_for(names, rank) if rank is not None else (None, False)
         if rank is not None and spec is None:
-            rows.append(_row(name, conv, reason="no rank given for this layer" + shared))
+            rows.append(report_row(name, conv, reason="no rank given for this layer" + shared))
             continue
         weight = conv.weight.detach().to("cpu", torch.float64).numpy()
         bias = conv.bias is not None
@@ -157,20 +157,20 @@ def tucker_model(
         except ValueError as err:
             if explicit or isinstance(err, RankError):
                 raise
-            rows.append(_row(name, conv, reason=f"rank does not fit: {err}" + shared))
+            rows.append(report_row(name, conv, reason=f"rank does not fit: {err}" + shared))
             continue
         cout, cin, kh, kw = weight.shape
         before = conv_params(cout, cin, kh, kw, bias)
         after = tucker_params(cout, cin, kh, kw, bias, r_out, r_in)
         if after >= before:
-            rows.append(_row(name, conv, rank_out=r_out, rank_in=r_in,
+            rows.append(report_row(name, conv, rank_out=r_out, rank_in=r_in,
                              reason=f"would not save parameters ({after} >= {before})" + shared))
             continue
         core, u_out, u_in = tucker_factors(weight, (r_out, r_in), n_iter_max=n_iter_max, tol=tol)
-        seq = _build(conv, core, u_out, u_in)
-        err = _rel_error(conv, seq)
+        seq = build_tucker_conv(conv, core, u_out, u_in)
+        err = layer_rel_error(conv, seq)
         replacements.append((names, seq))
-        rows.append(_row(name, conv, status="decomposed", rank_out=r_out, rank_in=r_in, params_after=after,
+        rows.append(report_row(name, conv, status="decomposed", rank_out=r_out, rank_in=r_in, params_after=after,
                          rel_error=err, seconds=time.perf_counter() - t0, reason=shared.strip()))
     bar.close()
     for names, seq in replacements:
@@ -181,7 +181,7 @@ def tucker_model(
     return out, report
 
 
-def _check_spec_type(rank: Any) -> None:
+def check_spec_type(rank: Any) -> None:
     """Raise for a global rank spec of the wrong type or out-of-range value that no layer could accept."""
     if isinstance(rank, str):
         if rank.lower() != "vbmf":
@@ -207,7 +207,7 @@ def _check_spec_type(rank: Any) -> None:
     raise RankError(f"rank must be (r_out, r_in), an int, a float in (0, 1], 'vbmf' or a dict, got {rank!r}")
 
 
-def _rel_error(conv: nn.Conv2d, seq: TuckerConv) -> float:
+def layer_rel_error(conv: nn.Conv2d, seq: TuckerConv) -> float:
     w = conv.weight.detach().to("cpu", torch.float64)
     approx = recompose(seq).weight.detach().to("cpu", torch.float64)
     norm = float(torch.linalg.vector_norm(w))

@@ -97,10 +97,10 @@ def tucker_conv(conv: nn.Conv2d, rank: Any = None, *, energy: float | None = Non
     weight = conv.weight.detach().to("cpu", torch.float64).numpy()
     ranks = resolve_rank(weight, conv.bias is not None, rank, energy)
     core, u_out, u_in = tucker_factors(weight, ranks, n_iter_max=n_iter_max, tol=tol, random_state=random_state)
-    return _build(conv, core, u_out, u_in)
+    return build_tucker_conv(conv, core, u_out, u_in)
 
 
-def _build(conv: nn.Conv2d, core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> TuckerConv:
+def build_tucker_conv(conv: nn.Conv2d, core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> TuckerConv:
     cout, cin = conv.out_channels, conv.in_channels
     r_out, r_in = core.shape[:2]
     kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)

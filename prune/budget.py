@@ -23,7 +23,7 @@ from torch import nn
 from reparam import RepBlock
 
 from .calibration import Calibration
-from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, _choose, _ignored_as_names, _resolve_ignored
+from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels, ignored_as_names, resolve_ignored
 from .graph import build_graph, channel_atoms, locked_reason
 from .importance import L2FilterImportance
 
@@ -338,9 +338,9 @@ def prune_to_budget(
     if target_flops is not None and target_flops >= flops0:
         raise ValueError(f"target_flops={target_flops:,} is not below the model's {flops0:,} FLOPs")
 
-    names = _ignored_as_names(model, ignored_layers)
+    names = ignored_as_names(model, ignored_layers)
     work = copy.deepcopy(model).eval()
-    ignored = _resolve_ignored(work, names)
+    ignored = resolve_ignored(work, names)
     p = next(work.parameters())
     example = example_inputs.detach().to(device=p.device, dtype=p.dtype)
     dg = build_graph(work, example)
@@ -460,7 +460,7 @@ def _apply(model: nn.Module, example: torch.Tensor, groups: list[_Group], remova
     for g, k in zip(groups, removal):
         if k <= 0:
             continue
-        idxs = _choose(g.imp, g.atoms, k)
+        idxs = choose_channels(g.imp, g.atoms, k)
         root = mods[g.name]
         pruner = dg.get_pruner_of_module(root)
         fn = pruner.prune_out_channels if g.is_out else pruner.prune_in_channels

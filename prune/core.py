@@ -45,7 +45,7 @@ def _check_round_to(round_to: Any) -> int | None:
     return round_to
 
 
-def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[Any] | None) -> set[nn.Module]:
+def resolve_ignored(model: nn.Module, ignored_layers: Iterable[Any] | None) -> set[nn.Module]:
     if ignored_layers is None:
         return set()
     if isinstance(ignored_layers, (str, nn.Module)):
@@ -77,7 +77,7 @@ def _target_keep(n0: int, ratio: float, round_to: int | None) -> int:
     return max(keep, 1)
 
 
-def _choose(imp: torch.Tensor, atoms: list[list[int]], n_remove: int) -> list[int]:
+def choose_channels(imp: torch.Tensor, atoms: list[list[int]], n_remove: int) -> list[int]:
     """Lowest-importance atoms (mean importance, ties by index) without exceeding ``n_remove``."""
     scored = sorted(atoms, key=lambda a: (float(imp[a].mean()), a[0]))
     chosen: list[int] = []
@@ -89,7 +89,7 @@ def _choose(imp: torch.Tensor, atoms: list[list[int]], n_remove: int) -> list[in
     return sorted(chosen)
 
 
-def _ignored_as_names(original: nn.Module, ignored_layers: Iterable[Any] | None) -> list[Any] | None:
+def ignored_as_names(original: nn.Module, ignored_layers: Iterable[Any] | None) -> list[Any] | None:
     """Translate ignored modules of the input model into names (they are looked up in the copy)."""
     if ignored_layers is None or isinstance(ignored_layers, (str, nn.Module)):
         return ignored_layers  # type: ignore[return-value]
@@ -168,9 +168,9 @@ def l2_filter_prune(
         raise TypeError("inplace must be a bool")
 
     if not inplace:
-        ignored_layers = _ignored_as_names(model, ignored_layers)
+        ignored_layers = ignored_as_names(model, ignored_layers)
         model = copy.deepcopy(model)
-    ignored = _resolve_ignored(model, ignored_layers)
+    ignored = resolve_ignored(model, ignored_layers)
     device = model_device(model)
     example = example_inputs.detach().to(device)
 
@@ -246,7 +246,7 @@ def _plan_step(dg: SRDependencyGraph, importance: Callable[[Any], Any], ignored:
         n_remove = n_cur - _target_keep(n0, r_t, round_to)
         if n_remove <= 0:
             continue
-        idxs = _choose(imp, channel_atoms(group), n_remove)
+        idxs = choose_channels(imp, channel_atoms(group), n_remove)
         if idxs:
             plan.append((root, fn, idxs))
     return plan
