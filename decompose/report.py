@@ -95,9 +95,9 @@ class TuckerReport(list):
         return {"summary": self.summary(), "layers": [asdict(r) for r in self]}
 
     def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.as_dict(), indent=2))
-        return path
+        from reparam.utils.io import write_json
+
+        return write_json(path, self.as_dict())
 
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)

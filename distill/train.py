@@ -16,7 +16,6 @@ very same weights as one that never stopped.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from reparam.utils.io import atomic_write
 from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
@@ -69,9 +69,7 @@ def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -18,14 +18,12 @@ after the command has succeeded, JSON atomically (temporary file + :func:`os.rep
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import pickle
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +37,10 @@ from .cli_core import (COMMANDS, CLIError, Command, HelpFormatter, command, erro
 
 # ------------------------------------------------------------------------------------------ utilities
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and :func:`os.replace`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`reparam.utils.io.write_json`, umask respected)."""
+    from reparam.utils.io import write_json
+
+    return write_json(path, obj, default=None)
 
 
 def _check_output_file(path: str | None, what: str) -> None:
@@ -72,7 +59,7 @@ def _check_output_file(path: str | None, what: str) -> None:
             break
 
 
-def _check_output_dir(path: str | None, what: str) -> None:
+def check_output_dir(path: str | None, what: str) -> None:
     if path is None:
         return
     p = Path(path)
@@ -126,7 +113,7 @@ def _build_model(name: str) -> Any:
         raise CLIError(f"cannot build {name}: {error_line(exc)}") from exc
 
 
-def _load_model(name: str, weights: str) -> Any:
+def load_model(name: str, weights: str) -> Any:
     from . import models
 
     _check_model_name(name)
@@ -142,7 +129,7 @@ def _load_model(name: str, weights: str) -> Any:
 
 
 
-def _open_data(spec: str, scale: int) -> Any:
+def open_data(spec: str, scale: int) -> Any:
     from . import data
 
     if spec != "default":
@@ -161,17 +148,17 @@ def _open_data(spec: str, scale: int) -> Any:
 
 
 def _load_for_run(args: argparse.Namespace) -> Any:
-    return _load_model(args.model, args.weights) if args.weights else _build_model(args.model)
+    return load_model(args.model, args.weights) if args.weights else _build_model(args.model)
 
 
-class _StagedDir:
+class StagedDir:
     """A hidden staging folder next to ``target``; :meth:`commit` moves its files into ``target``."""
 
     def __init__(self, target: str | None) -> None:
         self.target = Path(target) if target else None
         self.path: Path | None = None
 
-    def __enter__(self) -> _StagedDir:
+    def __enter__(self) -> StagedDir:
         if self.target is not None:
             # Stage in the nearest existing ancestor (same file system, so os.replace works) and
             # create nothing else until commit().
@@ -265,12 +252,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .inference import evaluate
 
     _check_output_file(args.json, "--json")
-    _check_output_dir(args.save_images, "--save-images")
+    check_output_dir(args.save_images, "--save-images")
     _check_tile_args(args)
     device = _device(args.device)
     model = _load_for_run(args)
-    pairs = _open_data(args.data, model.scale)
-    with _StagedDir(args.save_images) as staged:
+    pairs = open_data(args.data, model.scale)
+    with StagedDir(args.save_images) as staged:
         try:
             result = evaluate(model, pairs, progress=not args.no_progress, save_dir=staged.path,
                               tile=args.tile, tile_overlap=args.tile_overlap, device=device,
@@ -317,7 +304,7 @@ def _runtime(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     model = _load_for_run(args)
-    pairs = _open_data(args.data, model.scale)
+    pairs = open_data(args.data, model.scale)
     try:
         images = [p.lr for p in pairs]
         result = runtime(model, images, device=device, trials=args.trials, warmup=args.warmup,

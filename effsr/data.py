@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import overload
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from reparam.utils.io import atomic_write
 
 from .imresize import imresize
 
@@ -84,18 +85,7 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> Path:
         raise ValueError("img must be a uint8 numpy array")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix or ".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(img).save(fh, format=_pil_format(p.suffix))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(p, lambda fh: Image.fromarray(img).save(fh, format=_pil_format(p.suffix)))
     return p
 
 

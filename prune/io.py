@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from reparam.utils.io import atomic_write, write_safetensors
+
 from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR
 from .graph import build_graph
 
@@ -53,10 +55,9 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if p.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(state, str(p), metadata={_KEY: meta})
+        write_safetensors(p, state, {_KEY: meta})
     else:
-        torch.save({"state_dict": state, _KEY: meta}, p)
+        atomic_write(p, lambda fh: torch.save({"state_dict": state, _KEY: meta}, fh))
     return p
 
 

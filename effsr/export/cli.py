@@ -58,9 +58,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from effsr.cli import _check_output_dir
+    from effsr.cli import check_output_dir
 
-    _check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out")
     if not args.int8:
         for flag, value in (("--calib-data", args.calib_data), ("--max-drop", args.max_drop),
                             ("--keep-fp32", args.keep_fp32)):
@@ -103,7 +103,7 @@ def _keep_fp32(spec: str | None) -> str | list[str]:
 
 def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's work; returns (exit code, report). Files appear in ``--out`` only on success."""
-    from effsr.cli import _load_model, _open_data, _StagedDir, write_json_atomic
+    from effsr.cli import load_model, open_data, StagedDir, write_json_atomic
 
     from . import quantize as q
     from .onnx import prepare
@@ -113,7 +113,7 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     _check_args(args)
     keep = _keep_fp32(args.keep_fp32) if args.int8 else []
     op_types = [s.strip() for s in args.op_types.split(",") if s.strip()] if args.op_types else None
-    model = _load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights)
     try:
         net = prepare(model)
     except (ValueError, TypeError) as err:
@@ -127,13 +127,13 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             raise CLIError(f"--keep-fp32: no conv layer named {unknown[0]!r}; layers: {', '.join(convs[:8])}, ...")
     eval_sets: dict[str, Any] = {}
     for spec in args.eval_data or ["default"]:
-        pairs = _open_data(spec, net.scale)
+        pairs = open_data(spec, net.scale)
         if args.max_eval_images is not None:
             pairs = list(pairs)[: args.max_eval_images]
         eval_sets[_set_name(spec, eval_sets)] = pairs
     calib = None
     if args.int8:
-        calib_pairs = _open_data(args.calib_data, net.scale)
+        calib_pairs = open_data(args.calib_data, net.scale)
         try:
             calib = q.calibration_patches(list(calib_pairs), args.calib_count, args.calib_patch, net.input_range,
                                           args.seed)
@@ -155,7 +155,7 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         int8 = {"method": args.calib_method, "keep_fp32": keep, "keep_count": args.keep_count,
                 "per_channel": args.per_channel, "reduce_range": args.reduce_range, "pin_io": args.pin_io,
                 "op_types": op_types, "percentile": args.percentile, "weight_type": args.weight_type}
-    with _StagedDir(args.out) as staged:
+    with StagedDir(args.out) as staged:
         assert staged.path is not None
         try:
             report.update(export_model(net, staged.path, eval_sets, runtime_images, verify_images, calib, int8,

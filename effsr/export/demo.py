@@ -24,7 +24,7 @@ def export_student(weights: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     Writes ``<arch>.onnx``, ``<arch>.int8.onnx`` and ``export.json`` (all or nothing) and returns the report.
     """
-    from effsr.cli import _StagedDir, write_json_atomic
+    from effsr.cli import StagedDir, write_json_atomic
     from effsr.shrink.recipe import load_student
 
     from .onnx import prepare
@@ -34,7 +34,7 @@ def export_student(weights: str | os.PathLike[str], out_dir: str | os.PathLike[s
     net = prepare(load_student(weights))
     calib = calibration_patches(list(calib_pairs), calib_count, calib_patch, net.input_range)
     first = list(next(iter(eval_sets.values())))
-    with _StagedDir(str(out_dir)) as staged:
+    with StagedDir(str(out_dir)) as staged:
         assert staged.path is not None
         report = {"weights": str(weights), "arch": str(getattr(net, "arch", "model")),
                   **export_model(net, staged.path, eval_sets, [p.lr for p in first], first[:2], calib,

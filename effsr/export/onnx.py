@@ -9,6 +9,8 @@ stored as ONNX metadata (``effsr.arch``, ``effsr.scale``, ``effsr.input_range``)
 """
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import contextlib
 import copy
 import io
@@ -59,7 +61,7 @@ def _check_model(model: Any) -> nn.Module:
     scale = getattr(model, "scale", None)
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"model: an SR network needs an int attribute scale >= 1, got {scale!r}")
-    rng = getattr(model, "input_range", 255.0)
+    rng = model_input_range(model)
     if isinstance(rng, bool) or not isinstance(rng, (int, float)) or rng <= 0:
         raise ValueError(f"model: input_range must be a positive number, got {rng!r}")
     return model
@@ -68,7 +70,7 @@ def _check_model(model: Any) -> nn.Module:
 def model_meta(model: nn.Module) -> dict[str, Any]:
     """``arch``, ``scale`` and ``input_range`` of an SR network (what the exported graph records)."""
     return {"arch": str(getattr(model, "arch", type(model).__name__)), "scale": int(model.scale),
-            "input_range": float(getattr(model, "input_range", 255.0))}
+            "input_range": model_input_range(model)}
 
 
 def prepare(model: nn.Module) -> nn.Module:
@@ -122,7 +124,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = DEFA
     net = prepare(model) if fuse else copy.deepcopy(model).cpu().float().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = float(getattr(model, "input_range", 255.0))
+    rng = model_input_range(model)
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * rng
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE),
             3: torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)}

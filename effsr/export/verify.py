@@ -7,6 +7,8 @@ fp32 graph) :class:`ExportMismatchError` is raised.
 """
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +75,7 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike[str] | OnnxSR, images:
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     graph = onnx_path if isinstance(onnx_path, OnnxSR) else OnnxSR(onnx_path, threads=threads)
-    rng = float(getattr(model, "input_range", 255.0))
+    rng = model_input_range(model)
     was_training = model.training
     model.eval()
     try:

@@ -17,6 +17,8 @@ challenge convention of :func:`effsr.metrics.profile`, ``<=``).
 """
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import copy
 import math
 import time
@@ -312,7 +314,7 @@ def patch_psnr_y(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, scale: in
     from effsr import quality
     from effsr.inference import to_uint8
 
-    rng = float(getattr(model, "input_range", 255.0))
+    rng = model_input_range(model)
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -385,7 +387,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
     patch = calibration_patch_size(state.train_pairs)
     n = int(cfg.calib_images)
     lr, hr = calibration_patches(state.train_pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
-    rng = float(getattr(state.teacher, "input_range", 255.0))
+    rng = model_input_range(state.teacher)
     calib = make_calibration(lr[:n], rng, cfg.seed)
     held = (lr[n:], hr[n:]) if len(methods) > 1 else (lr[:n], hr[:n])
     t_calib = time.perf_counter() - t0

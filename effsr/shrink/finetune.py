@@ -1,6 +1,8 @@
 """Distillation fine-tuning of a student by the run's teacher (after repify, each pruning round, Tucker)."""
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import os
 from typing import Any
 
@@ -64,7 +66,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     training_form(student)
     student.to(state.device).train()
     teacher = state.teacher.to(state.device)
-    rng = float(getattr(teacher, "input_range", 1.0))
+    rng = model_input_range(teacher)
     names = feature_pairs(teacher, student) if cfg.feature_weight > 0 else []
     pairs = [(n, n, cfg.feature_weight / rng) for n in names]
     ds = PatchDataset(state.train_pairs, patch_size=state.patch_size, augment=True,

@@ -13,6 +13,8 @@ the plot and the table, and a warning in the log: never silent. Every point's st
 """
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import csv
 import dataclasses
 import hashlib
@@ -185,7 +187,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
         if doc.get("fingerprint") != fp:
             raise ValueError(f"--resume: {out / 'frontier.json'} was made with other settings; use a new --out")
         _log(out, f"frontier: resuming, {len(doc['points'])} point(s) done")
-    rng = float(getattr(teacher, "input_range", 255.0))
+    rng = model_input_range(teacher)
     lr, _ = compress.calibration_patches(list(sel.pairs), cfg.calib_images, patch, cfg.seed)
     calib = compress.make_calibration(lr, rng, cfg.seed)
     if doc is None:

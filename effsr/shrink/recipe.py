@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from effsr.models.registry import register_loader
+from reparam.utils.io import write_json, write_safetensors
 from reparam.utils.modules import replace_module
 
 __all__ = [
@@ -176,8 +177,6 @@ def save_student(model: nn.Module, recipe: Mapping[str, Any], path: str | os.Pat
 
     Also writes ``<path without suffix>.recipe.json``. Returns ``path``.
     """
-    from safetensors.torch import save_file
-
     recipe = _check_recipe(dict(recipe))
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -189,13 +188,9 @@ def save_student(model: nn.Module, recipe: Mapping[str, Any], path: str | os.Pat
         meta["effsr_prune"] = prune_meta
     meta.update(dict(extra_metadata or {}))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(path, state, meta)
     side = path.with_name(path.name[: -len(".safetensors")] + ".recipe.json")
-    tmp_json = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp_json.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_json, side)
+    write_json(side, recipe)
     return path
 
 

@@ -1,6 +1,8 @@
 """``RunState``: what the stages of a shrink run share, and small helpers on models the stages use."""
 from __future__ import annotations
 
+from distill.ranges import input_range as model_input_range
+
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ class RunState:
     def verify_inputs(self) -> list[torch.Tensor]:
         """A few real LR images of the first eval set as float NCHW tensors in the model's input range."""
         pairs = next(iter(self.eval_sets.values()))[: self.cfg.verify_images]
-        rng = float(getattr(self.teacher, "input_range", 255.0))
+        rng = model_input_range(self.teacher)
         return [torch.from_numpy(np.ascontiguousarray(p.lr.transpose(2, 0, 1))).float()[None] / 255.0 * rng
                 for p in pairs]
 
