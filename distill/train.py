@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from reparam.utils.io import atomic_write
+from reparam.utils.validate import check_int
 from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
@@ -140,14 +141,6 @@ def _batches(loader: DataLoader, done: int = 0) -> Iterator[Any]:
         epoch += 1
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def train_steps(
     module: nn.Module,
     data: Dataset | DataLoader,
@@ -186,10 +179,10 @@ def train_steps(
 
     Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
     """
-    _check_int("steps", steps, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("checkpoint_every", checkpoint_every, 1)
-    _check_int("log_every", log_every, 1)
+    check_int("steps", steps, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("checkpoint_every", checkpoint_every, 1)
+    check_int("log_every", log_every, 1)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):

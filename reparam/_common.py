@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .utils.validate import check_bool  # noqa: F401 - re-exported for the blocks
 from . import kernels as K
 from .base import Branch, ChannelVector, ConvBN, RepBlock
 
@@ -25,13 +26,6 @@ def crop(x: Tensor, ph: int, pw: int) -> Tensor:
     if ph == 0 and pw == 0:
         return x
     return x[..., ph:x.shape[-2] - ph, pw:x.shape[-1] - pw]
-
-
-def check_bool(name: str, value: object) -> bool:
-    """Validate a boolean option, raising ``TypeError`` naming it."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def resolve_identity(name: str, value: bool | None, in_channels: int, out_channels: int, stride: int) -> bool:

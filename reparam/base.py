@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .utils.validate import check_int  # noqa: F401 - re-exported: reparam.base.check_int
 from . import kernels as K
 
 MODES = ("branches", "online")
@@ -31,15 +32,6 @@ RENAMED_OPTIONS = {"with_idt": "use_identity"}
 
 class FuseModeWarning(UserWarning):
     """A block with BatchNorm was fused while in training mode (the fused conv equals its eval mode)."""
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Validate an integer argument, raising ``TypeError``/``ValueError`` that name it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def bn_kernel(kernel: tuple[Tensor, Tensor | None], bn: _BatchNorm | None) -> K.Kernel:

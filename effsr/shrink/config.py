@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
+
+from reparam.utils.validate import is_int, is_number
 
 __all__ = ["ShrinkConfig", "find_peers_dir", "PEER_CHECKPOINTS"]
 
@@ -30,14 +31,6 @@ def find_peers_dir(explicit: str | os.PathLike[str] | None = None) -> Path | Non
     candidates = [Path(env) / "checkpoints"] if env else []
     candidates.append(Path.cwd().parent / "shared" / "data" / "checkpoints")
     return next((c for c in candidates if c.is_dir()), None)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 @dataclasses.dataclass
@@ -98,36 +91,36 @@ class ShrinkConfig:
 
         if not isinstance(self.model, str) or self.model not in models.names():
             raise ValueError(f"--model: unknown model {self.model!r}; choose from {', '.join(models.names())}")
-        if not _is_num(self.prune) or not 0.0 <= float(self.prune) < 1.0:
+        if not is_number(self.prune) or not 0.0 <= float(self.prune) < 1.0:
             raise ValueError(f"--prune: the ratio of filters to remove must be in [0, 1), got {self.prune!r}")
-        if not _is_int(self.prune_steps) or self.prune_steps < 1:
+        if not is_int(self.prune_steps) or self.prune_steps < 1:
             raise ValueError(f"--prune-steps must be an int >= 1, got {self.prune_steps!r}")
-        if self.tucker is not None and (not _is_num(self.tucker) or not 0.0 < float(self.tucker) <= 1.0):
+        if self.tucker is not None and (not is_number(self.tucker) or not 0.0 < float(self.tucker) <= 1.0):
             raise ValueError(f"--tucker: the fraction of conv parameters to keep must be in (0, 1], got {self.tucker!r}")
         if self.repify is not None:
             self._check_block(self.repify)
         for name in ("steps",):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"--{name} must be an int >= 0, got {v!r}")
         for name in ("batch_size", "runtime_trials", "verify_images", "tucker_min_channels", "checkpoint_every"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if self.patch_size is not None and (not _is_int(self.patch_size) or self.patch_size < 16):
+        if self.patch_size is not None and (not is_int(self.patch_size) or self.patch_size < 16):
             raise ValueError(f"--patch-size must be 'auto' or an int >= 16 LR pixels (ESA pools 7x7 after a "
                              f"stride-2 conv), got {self.patch_size!r}")
         for name in ("max_train_images", "max_eval_images"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
+            if v is not None and (not is_int(v) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
-        if not _is_num(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"--lr must be a number > 0, got {self.lr!r}")
-        if not _is_num(self.feature_weight) or self.feature_weight < 0:
+        if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
-        if not _is_num(self.verify_tolerance) or self.verify_tolerance <= 0:
+        if not is_number(self.verify_tolerance) or self.verify_tolerance <= 0:
             raise ValueError(f"verify_tolerance must be a number > 0, got {self.verify_tolerance!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"--seed must be an int, got {self.seed!r}")
         if not isinstance(self.model_config, dict):
             raise TypeError(f"model_config must be a dict, got {type(self.model_config).__name__}")
@@ -158,9 +151,9 @@ class ShrinkConfig:
 
         if self.target_params is not None and self.target_flops is not None:
             raise ValueError("--target-params and --target-flops: give one budget, not both")
-        if self.target_params is not None and (not _is_int(self.target_params) or self.target_params < 1):
+        if self.target_params is not None and (not is_int(self.target_params) or self.target_params < 1):
             raise ValueError(f"--target-params must be an int >= 1, got {self.target_params!r}")
-        if self.target_flops is not None and (not _is_num(self.target_flops) or self.target_flops <= 0):
+        if self.target_flops is not None and (not is_number(self.target_flops) or self.target_flops <= 0):
             raise ValueError(f"--target-flops must be a number of G FLOPs > 0, got {self.target_flops!r}")
         if self.method not in METHODS:
             raise ValueError(f"--method: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
@@ -169,9 +162,9 @@ class ShrinkConfig:
                              f"{', '.join(IMPORTANCES)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective: unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
-        if not _is_int(self.calib_images) or self.calib_images < 1:
+        if not is_int(self.calib_images) or self.calib_images < 1:
             raise ValueError(f"--calib-images must be an int >= 1, got {self.calib_images!r}")
-        if not _is_num(self.objective_tolerance) or self.objective_tolerance < 0:
+        if not is_number(self.objective_tolerance) or self.objective_tolerance < 0:
             raise ValueError(f"--objective-tolerance must be a number of dB >= 0, got {self.objective_tolerance!r}")
         if self.data_aware and (float(self.prune) > 0 or self.tucker is not None):
             raise ValueError("--target-params/--target-flops: the data-aware path replaces --prune and --tucker "

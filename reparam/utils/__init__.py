@@ -9,6 +9,6 @@
 ``reparam`` itself is the dependency root of the toolkits (``prune`` and ``decompose`` build on its blocks),
 so this package lives under it; it imports nothing from ``reparam``'s blocks.
 """
-from . import device, flops, io
+from . import device, flops, io, modules, validate
 
-__all__ = ["io", "flops", "device"]
+__all__ = ["io", "flops", "device", "modules", "validate"]
