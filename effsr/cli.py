@@ -78,17 +78,12 @@ def _version() -> str:
 
 
 def _device(name: str) -> str:
-    import torch
+    from reparam.utils.device import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise CLIError(f"--device: unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    return name
+        return str(resolve_device(name, arg="--device"))
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
 
 
 def _model_names() -> list[str]:

@@ -183,16 +183,9 @@ class ShrinkConfig:
             raise ValueError(f"--repify: block {name!r} cannot replace a 3x3 conv ({err})") from None
 
     def _check_device(self) -> None:
-        import torch
+        from reparam.utils.device import resolve_device
 
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"--device: unknown device {self.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        self.device = str(resolve_device(self.device, arg="--device"))  # "auto" -> "cuda" or "cpu"
 
     def _check_files(self) -> None:
         w = Path(self.weights)
