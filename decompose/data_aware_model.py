@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from reparam.utils.progress import progress as progress_bar
 
+from reparam.utils.modules import replace_module
+
 from .budget import LayerChoices, allocate, bilinear_cost, conv_macs
 from .data_aware import data_aware_tucker, rank_curves
 from .model import ONE_BY_ONE_REASON, check_spec_type, rank_for, layer_rel_error, report_row, eligible_convs
@@ -36,10 +38,6 @@ __all__ = ["data_aware_tucker_model"]
 
 FlopsFn = Callable[[nn.Conv2d, tuple[int, int]], float]
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def _as_calibration(calibration: Any) -> Any:
@@ -342,7 +340,7 @@ def data_aware_tucker_model(
             bar.update(1)
         for names, seq in replace:
             for m in names:
-                _replace(out, m, seq)
+                replace_module(out, m, seq)
     bar.close()
 
     final = []

@@ -117,6 +117,19 @@ def test_one_atomic_writer_and_one_input_range_accessor():
     assert {r.split(":")[0] for r in getattr_range} == {"distill/ranges.py"}, getattr_range
 
 
+def test_one_module_replacer():
+    """Replacing a submodule by dotted name (``rpartition('.')`` + ``setattr``) lives only in reparam.utils.modules."""
+    bad = []
+    for path in _files(*PACKAGES):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = ast.get_source_segment(text, node) or ""
+                if 'rpartition(".")' in body and "setattr(" in body:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert [b for b in bad if not b.startswith("reparam/utils/modules.py")] == [], bad
+
+
 # ------------------------------------------------------------------------------------------ the homes
 def test_atomic_writes_respect_the_umask(tmp_path):
     from reparam.utils import io
