@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--target-params", type=int, default=289_888)
     ap.add_argument("--calib", type=int, default=64, help="calibration patches")
     ap.add_argument("--patch", type=int, default=32, help="LR patch side")
-    ap.add_argument("--rows", type=int, default=None, help="rows_per_batch of the calibration (None: all)")
+    ap.add_argument("--rows", type=int, default=2048, help="rows_per_batch of the calibration (0: all)")
     ap.add_argument("--schedule", default="layer", choices=["block", "layer"])
     ap.add_argument("--include-1x1", action="store_true")
     ap.add_argument("--min-channels", type=int, default=16)
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--refit-ridge", type=float, default=1e-2)
     ap.add_argument("--no-refit", action="store_true")
     ap.add_argument("--set14", action="store_true")
-    ap.add_argument("--refine", type=int, default=0, help="ALS rounds per decomposed conv")
+    ap.add_argument("--refine", type=int, default=2, help="ALS rounds per decomposed conv")
     ap.add_argument("--sensitivity", default="noise", choices=["noise", "relative"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -103,7 +103,7 @@ def main() -> None:
     rows = [row("teacher rfdn", teacher, None)]
     t0 = time.perf_counter()
     x = calibration_patches(data / "t91", args.calib, args.patch, args.seed)
-    calib = Calibration(x, batch_size=8, input_range=255.0, rows_per_batch=args.rows, seed=args.seed)
+    calib = Calibration(x, batch_size=8, input_range=255.0, rows_per_batch=args.rows or None, seed=args.seed)
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
     da, rep = data_aware_tucker_model(teacher, calib, target_params=args.target_params,
