@@ -50,7 +50,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     root = Path(__file__).resolve().parents[1]
     p.add_argument("--data", default=str(root.parent / "shared" / "data"))
-    p.add_argument("--models", nargs="+", default=list(CHECKPOINTS))
+    p.add_argument("--models", nargs="*", default=list(CHECKPOINTS), help="official networks (none: --student only)")
     p.add_argument("--student", default=None, help="an `effsr shrink` student (.safetensors with recipe)")
     p.add_argument("--student-model", default="rfdn")
     p.add_argument("--sets", nargs="+", default=["set5", "set14"])

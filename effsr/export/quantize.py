@@ -321,7 +321,8 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib: np.ndarray, out_path
             q.node_names(keep)  # unknown names fail before any work
         path = q.quantize(out_path, method, keep)
     info: dict[str, Any] = {"path": str(path), "method": method, "keep_fp32": keep, "per_channel": per_channel,
-                            "reduce_range": reduce_range, "weight_type": weight_type, "pin_io": pin_io, "op_types": op_types,
+                            "reduce_range": reduce_range, "weight_type": weight_type, "pin_io": pin_io,
+                            "op_types": op_types,
                             "calibration_patches": [int(s) for s in calib.shape], "qdq": qdq_summary(path)}
     if method == "percentile":
         info["percentile"] = percentile

@@ -83,7 +83,8 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike[str] | OnnxSR, images:
         xs = _inputs(images, rng)
         for name, x in xs:
             ref = model(x).numpy()
-            rows.append({"name": name, "shape": list(x.shape), "rel_error": _rel_error(graph.run_numpy(x.numpy()), ref)})
+            err = _rel_error(graph.run_numpy(x.numpy()), ref)
+            rows.append({"name": name, "shape": list(x.shape), "rel_error": err})
         # The batch axis: the first two images (or the first and its mirror) cropped to a common size.
         a, b = xs[0][1][:1], (xs[1][1] if len(xs) >= 2 else xs[0][1].flip(-1))[:1]
         h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
