@@ -89,7 +89,8 @@ def test_shrink_writes_every_output(full_run):
     assert stage["fuse"]["had_rep_blocks"] and stage["fuse"]["verify_branches"]["max_rel_error"] <= 1e-4
     assert stage["tucker"]["decomposed"] > 0
     md = (full_run / "report.md").read_text()
-    assert "| student |" in md and "eval PSNR-Y" in md and f"{student['params']:,}" in md
+    # a random-weight student may be flagged "(below bicubic!)" after its label
+    assert "| student" in md and "eval PSNR-Y" in md and f"{student['params']:,}" in md
     assert "| bicubic |" in md and report["bicubic"]["eval"]["psnr_y"] > 0
 
 
