@@ -261,7 +261,7 @@ def test_cli_max_drop_below_the_measured_drop_fails_and_writes_nothing(cli_run, 
     (["--eval-data", "EMPTY"], "no images"),
     (["--max-drop", "0.1"], "--max-drop needs --int8"),
     (["--int8", "--calib-data", "default", "--calib-patch", "4096"], "lower the patch size"),
-    (["--int8", "--calib-data", "default", "--keep-fp32", "no.such.layer"], "keep_fp32: no conv layer"),
+    (["--int8", "--calib-data", "default", "--keep-fp32", "no.such.layer"], "--keep-fp32: no conv layer"),
 ])
 def test_cli_bad_inputs_one_line_exit_2(student, tmp_path, capsys, extra, message) -> None:
     (tmp_path / "empty").mkdir()
