@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from reparam.utils.flops import MacConvention, profile_macs
 from reparam import RepBlock
 
 from .calibration import Calibration
@@ -82,37 +83,15 @@ class BudgetReport:
 
 
 # ---------------------------------------------------------------------------------------- counting
+#: Plain MACs: Conv2d/Linear modules, a RepBlock as its fused conv (nothing inside it), no activations/norms.
+PLAIN_MACS = MacConvention(convs=(nn.Conv2d,), activations=(), norms=(), blocks=(RepBlock,))
+
+
 def mac_count(model: nn.Module, input_size: Sequence[int] = (3, 256, 256)) -> int:
     """Plain multiply-accumulate count of one ``input_size`` image: every ``nn.Conv2d`` / ``nn.Linear``
-    (a ``RepBlock`` counts as its fused conv; the convs inside it are not counted)."""
-    total = 0
-    inside: set[int] = {id(m) for b in model.modules() if isinstance(b, RepBlock) for m in b.modules() if m is not b}
-
-    def hook(m: nn.Module, _inp: Any, out: Any) -> None:
-        nonlocal total
-        if id(m) in inside:
-            return
-        o = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(m, nn.Linear):
-            total += o.numel() * m.in_features
-        else:
-            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-            total += o.numel() * (m.in_channels // m.groups) * k[0] * k[1]
-
-    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, RepBlock))]
-    handles = [m.register_forward_hook(hook) for m in mods]
-    flags = {m: m.training for m in model.modules()}
-    p = next(model.parameters())
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_size), dtype=p.dtype, device=p.device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
-    return int(total)
+    (a ``RepBlock`` counts as its fused conv; the convs inside it are not counted). The shared counter of
+    :mod:`reparam.utils.flops` with the :data:`PLAIN_MACS` convention."""
+    return int(profile_macs(model, input_size, convention=PLAIN_MACS).macs)
 
 
 def _n_params(model: nn.Module) -> int:

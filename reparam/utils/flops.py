@@ -41,6 +41,9 @@ class MacConvention:
     linears: tuple[type[nn.Module], ...] = (nn.Linear,)
     activations: tuple[type[nn.Module], ...] = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6)
     norms: tuple[type[nn.Module], ...] = (nn.BatchNorm2d,)
+    #: composite modules counted as the one conv they stand for (``in_channels``, ``out_channels``,
+    #: ``kernel_size``, ``groups`` attributes, e.g. rep blocks as their fused conv); nothing inside is counted
+    blocks: tuple[type[nn.Module], ...] = ()
 
 
 #: Conv/Linear/ReLU-family/BatchNorm2d: the convention of the NTIRE/AIM efficient-SR counter.
@@ -67,8 +70,14 @@ class _Hooks:
 
     def attach(self, model: nn.Module) -> None:
         c = self.convention
+        inside = {id(m) for b in model.modules() if c.blocks and isinstance(b, c.blocks)
+                  for m in b.modules() if m is not b}
         for module in model.modules():
-            if isinstance(module, c.convs):
+            if id(module) in inside:
+                continue
+            if c.blocks and isinstance(module, c.blocks):
+                self.handles.append(module.register_forward_hook(self.conv))
+            elif isinstance(module, c.convs):
                 self.handles.append(module.register_forward_hook(self.conv))
             elif isinstance(module, c.activations):
                 self.handles.append(module.register_forward_hook(self.elementwise))
@@ -83,7 +92,9 @@ class _Hooks:
         self.handles.clear()
 
     def conv(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        per_position = math.prod(module.kernel_size) * module.in_channels * (module.out_channels // module.groups)
+        k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+        groups = getattr(module, "groups", 1)
+        per_position = math.prod(k) * module.in_channels * (module.out_channels // groups)
         positions = output.shape[0] * math.prod(output.shape[2:])
         self.macs += int(per_position) * int(positions)
         self.activations += output.numel()
