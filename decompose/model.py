@@ -15,18 +15,13 @@ from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import LayerReport, TuckerReport
 from .tucker import TuckerConv, build_tucker_conv, recompose, tucker_factors
 from reparam.convert import Selector, name_selector
+from reparam.utils.modules import replace_module
 
 __all__ = ["tucker_model", "recompose_model", "eligible_convs"]
 
 ONE_BY_ONE_REASON = "1x1: low-rank factorisation, not Tucker-2 (pass include_1x1=True to decompose)"
 
 
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 def _inside_tucker(model: nn.Module) -> set[int]:
@@ -175,7 +170,7 @@ def tucker_model(
     bar.close()
     for names, seq in replacements:
         for n in names:
-            _replace(out, n, seq)
+            replace_module(out, n, seq)
     params_after = sum(p.numel() for p in out.parameters())
     report = TuckerReport(rows, params_before, params_after, time.perf_counter() - start, spec_text)
     return out, report
@@ -226,5 +221,5 @@ def recompose_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     for names, seq in found.values():
         conv = recompose(seq)
         for n in names:
-            _replace(out, n, conv)
+            replace_module(out, n, conv)
     return out
