@@ -240,6 +240,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--y-float", action="store_true",
                    help="measure PSNR-Y/SSIM-Y on unrounded luma (default: off: Y rounded to integers "
                         "before measuring, as the NTIRE evaluation code and MATLAB's rgb2ycbcr do)")
+    p.add_argument("--gray-channel", action="store_true",
+                   help="measure a gray source image (Set14's bridge) on its gray channel, as the MATLAB papers "
+                        "do (default: off: read as three identical channels, as the NTIRE evaluation code does)")
 
 
 @command("eval", help="PSNR (RGB, Y) and SSIM (Y) of a trained network on a dataset", arguments=_eval_args)
@@ -256,7 +259,7 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             result = evaluate(model, pairs, progress=not args.no_progress, save_dir=staged.path,
                               tile=args.tile, tile_overlap=args.tile_overlap, device=device,
-                              y_round=not args.y_float)
+                              y_round=not args.y_float, gray_channel=args.gray_channel)
         except (ValueError, OSError) as exc:
             raise CLIError(error_line(exc)) from exc
         staged.commit()
@@ -269,7 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
           f"   ({args.model}, {len(result['per_image'])} images, {args.data})")
     if args.json:
         payload = {"model": args.model, "weights": str(args.weights), "data": str(args.data),
-                   "tile": args.tile, "y_round": not args.y_float, **result}
+                   "tile": args.tile, "y_round": not args.y_float, "gray_channel": args.gray_channel, **result}
         write_json_atomic(args.json, payload)
     return 0
 

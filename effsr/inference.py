@@ -211,15 +211,16 @@ def _scale_of(model: nn.Module) -> int:
 def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
              save_dir: str | os.PathLike[str] | None = None, tile: int | None = None,
              tile_overlap: int = 8, device: str | torch.device | None = None,
-             y_round: bool = True) -> dict[str, Any]:
+             y_round: bool = True, gray_channel: bool = False) -> dict[str, Any]:
     """Upscale every ``(name, lr, hr)`` pair and measure it against ``hr``.
 
     Returns ``{"psnr_rgb", "psnr_y", "ssim_y"}`` (means over images, floats), ``"images"`` (count)
     and ``"per_image"``: a list of ``{"name", "psnr_rgb", "psnr_y", "ssim_y"}``. Quality follows
     :mod:`effsr.quality` with ``shave = model.scale``; Y is rounded to integers before PSNR/SSIM (the
     NTIRE/MATLAB convention) unless ``y_round=False``. A pair marked ``gray`` (a single-channel source
-    such as Set14's ``bridge``) is measured on one gray channel (HR's channel vs the rounded mean of the
-    SR channels) instead of on the replicated RGB copy, as the papers measure it. With ``save_dir`` each SR result is written as
+    such as Set14's ``bridge``) is measured like the official NTIRE evaluation code measures it: the gray
+    file read as three identical channels, Y from those. ``gray_channel=True`` instead measures it on one
+    gray channel (HR's channel vs the rounded mean of the SR channels), the MATLAB papers' convention. With ``save_dir`` each SR result is written as
     ``<save_dir>/<name>.png`` (created if needed). ``progress`` reports on stderr (a bar on a terminal, else plain lines).
     """
     from reparam.utils.progress import progress as progress_bar
@@ -230,6 +231,8 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(y_round, bool):
         raise TypeError(f"y_round must be a bool, got {type(y_round).__name__}")
+    if not isinstance(gray_channel, bool):
+        raise TypeError(f"gray_channel must be a bool, got {type(gray_channel).__name__}")
     _check_tiling(tile, tile_overlap)
     scale = _scale_of(model)
     dev = resolve_device(device, model)
@@ -248,8 +251,8 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
             name, lr, hr = _pair_fields(pair, i)
             sr = upscale(net, lr, tile=tile, tile_overlap=tile_overlap, device=dev)
             hr = _match_hr(name, sr, hr, scale)
-            if getattr(pair, "gray", False):
-                # A gray source (Set14's bridge) is measured on one gray channel, as the papers do:
+            if gray_channel and getattr(pair, "gray", False):
+                # The papers' convention for a gray source (Set14's bridge): one gray channel,
                 # HR's (identical) channels vs the mean of the SR channels.
                 hr = hr[..., 0]
                 sr_eval = np.clip(np.rint(sr.astype(np.float64).mean(axis=2)), 0, 255).astype(np.uint8)

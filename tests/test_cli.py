@@ -342,8 +342,9 @@ def test_runtime_command_json(tmp_path, capsys, rfdn_weights):
     assert len(res["trials_ms"]) == 2 and res["ms_per_image"] == min(res["trials_ms"])
 
 
-def test_evaluate_measures_gray_sources_on_one_channel() -> None:
-    """A gray HR (Set14 bridge) is compared on its gray channel, not on a replicated RGB copy."""
+def test_evaluate_gray_sources_ntire_by_default_gray_channel_as_option() -> None:
+    """A gray HR (Set14 bridge) is measured by default as the NTIRE code reads it (three identical
+    channels); ``gray_channel=True`` compares it on its gray channel (the MATLAB papers' convention)."""
     import numpy as np
     import torch.nn.functional as F
     from torch import nn
@@ -361,10 +362,17 @@ def test_evaluate_measures_gray_sources_on_one_channel() -> None:
     pair = make_pair("g", np.repeat(gray[:, :, None], 3, axis=2), scale=4, gray=True)
     as_rgb = make_pair("g", np.repeat(gray[:, :, None], 3, axis=2), scale=4, gray=False)
     net = Bicubicish()
-    g, c = evaluate(net, [pair], progress=False), evaluate(net, [as_rgb], progress=False)
+    g = evaluate(net, [pair], progress=False, gray_channel=True)
+    d, c = evaluate(net, [pair], progress=False), evaluate(net, [as_rgb], progress=False)
     # the +3/-3 channel offsets cancel in the gray mean (exact output), not in the RGB measurement
     assert g["psnr_rgb"] == float("inf") and g["psnr_y"] == float("inf")
     assert c["psnr_rgb"] == pytest.approx(10 * np.log10(255.0**2 / 6.0))
+    # default: the gray pair is measured exactly like its RGB copy; integer Y: HR 16 + 219*100/255 -> 102,
+    # SR 16 + (65.481*100 + 128.553*103 + 24.966*97)/255 = 103.10 -> 103, so one grey level everywhere
+    assert d["psnr_rgb"] == c["psnr_rgb"] and d["psnr_y"] == c["psnr_y"]
+    assert d["psnr_y"] == pytest.approx(10 * np.log10(255.0**2 / 1.0))
+    with pytest.raises(TypeError, match="gray_channel"):
+        evaluate(net, [pair], progress=False, gray_channel=1)
 
 
 # ------------------------------------------------------------------------------------ shrink / demo
