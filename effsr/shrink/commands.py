@@ -55,10 +55,10 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective-tolerance", type=float, default=0.1, metavar="DB",
                    help="PSNR-Y tolerance of --objective runtime")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="training patches per step")
-    p.add_argument("--patch-size", type=_patch_size, default=None, metavar="N|auto",
-                   help="LR training patch side (default: auto = the smallest LR side of the training images, "
-                        "at most 48, so every image is used; images smaller than N are left out, and the log "
-                        "says which)")
+    p.add_argument("--patch-size", type=_patch_size, default=48, metavar="N|auto",
+                   help="LR training patch side (default: 48; images smaller than N are left out and the log "
+                        "says how many and which; 'auto' = the smallest LR side of the training images, at "
+                        "most 48, uses every image but trained RFDN to below bicubic on T91 (19 px))")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (Adam, default 1e-4)")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")

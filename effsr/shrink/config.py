@@ -54,7 +54,7 @@ class ShrinkConfig:
     repify: str | None = None
     steps: int = 100
     batch_size: int = 16
-    patch_size: int | None = None  #: LR patch side; None = auto (:func:`effsr.data.select_patch_pairs`)
+    patch_size: int | None = 48  #: LR patch side; None = auto (:func:`effsr.data.select_patch_pairs`)
     lr: float = 1e-4
     feature_weight: float = 0.1
     device: str = "cpu"
