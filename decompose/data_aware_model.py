@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from reparam.utils.progress import progress as progress_bar
 
-from reparam.utils.modules import replace_module
+from reparam.utils.modules import eval_mode, replace_module
 
 from .budget import LayerChoices, allocate, bilinear_cost, conv_macs
 from .data_aware import data_aware_tucker, rank_curves
 from .model import ONE_BY_ONE_REASON, check_spec_type, rank_for, layer_rel_error, report_row, eligible_convs
 from .ranks import RankError, conv_params, resolve_rank, tucker_params
 from .report import TuckerReport
-from .tucker import TuckerConv, build_tucker_conv
+from .tucker import build_tucker_conv
 from reparam.convert import Selector, name_selector
 
 __all__ = ["data_aware_tucker_model"]
@@ -83,18 +83,9 @@ def _probe_sizes(model: nn.Module, convs: Sequence[tuple[list[str], nn.Conv2d]],
     def hook(m: nn.Module, inp: tuple[Any, ...]) -> None:
         sizes.setdefault(id(m), (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
 
-    handles = [conv.register_forward_pre_hook(hook) for _, conv in convs]
-    flags = {m: m.training for m in model.modules()}
     p = next(model.parameters())
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(shape, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
+    with eval_mode(model, hooks=[conv.register_forward_pre_hook(hook) for _, conv in convs]), torch.no_grad():
+        model(torch.zeros(shape, device=p.device, dtype=p.dtype))
     return sizes
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from distill.ranges import input_range
+from reparam.utils import modules
 from reparam.utils.device import model_device, model_dtype, resolve_device
 
 __all__ = ["upscale", "evaluate", "forward", "to_tensor", "to_uint8", "model_device", "model_dtype", "eval_mode",
@@ -40,13 +41,8 @@ __all__ = ["upscale", "evaluate", "forward", "to_tensor", "to_uint8", "model_dev
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode for the ``with`` block, then restore each one's own state."""
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with modules.eval_mode(model):
         yield model
-    finally:
-        for m, training in states:
-            m.training = training
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:

@@ -24,15 +24,15 @@ from reparam.utils.flops import MacConvention, profile_macs
 from reparam import RepBlock
 
 from .calibration import Calibration
-from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels, ignored_as_names, resolve_ignored
-from .graph import build_graph, channel_atoms, locked_reason
+from .core import (HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels, ignored_as_names, resolve_ignored,
+                   scored_groups)
+from .graph import build_graph, channel_atoms
 from .importance import L2FilterImportance
 
 __all__ = ["prune_to_budget", "mac_count", "BudgetReport", "GroupAllocation", "DEFAULT_GRID"]
 
 #: Fractions of each group at which the sensitivity is measured.
 DEFAULT_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-_ROOTS = (nn.Conv2d, nn.Linear, RepBlock)
 
 
 @dataclass
@@ -327,18 +327,9 @@ def prune_to_budget(
     report = BudgetReport(target_params, target_flops, params0, params0, flops0, flops0,
                           type(importance).__name__)
     groups: list[_Group] = []
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_ROOTS):
-        name = dg.module_name(group[0].dep.target.module)
-        why = locked_reason(dg, group, ignored)
-        if why is not None:
-            report.locked.setdefault(name, why)
-            continue
-        imp = importance(group)
-        if imp is None:
-            report.locked.setdefault(name, f"{type(importance).__name__} cannot score this group")
-            continue
+    for name, group, imp in scored_groups(dg, importance, ignored, report.locked):
         pp, pf = _per_channel_cost(dg, group, shapes)
-        groups.append(_Group(dg, group, imp.detach().float().cpu(), pp, pf))
+        groups.append(_Group(dg, group, imp, pp, pf))
     if not groups:
         raise ValueError("model: no prunable group (all locked: " + "; ".join(report.locked.values()) + ")")
 

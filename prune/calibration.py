@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reparam.utils.modules import eval_mode
+
 __all__ = ["im2col", "conv_geometry", "ConvGeometry", "ConvStats", "Calibration", "DEFAULT_SAMPLES"]
 
 #: Default number of calibration samples (patches).
@@ -405,9 +407,7 @@ class Calibration:
     @torch.no_grad()
     def outputs(self, model: nn.Module, max_batches: int | None = None) -> list[Tensor]:
         """The model's outputs on the calibration batches (eval mode, no grad)."""
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
+        with eval_mode(model):
             out = []
             p = next(model.parameters(), None)
             for x in self.batches[:max_batches]:
@@ -415,9 +415,6 @@ class Calibration:
                     x = x.to(device=p.device, dtype=p.dtype)
                 out.append(model(x))
             return out
-        finally:
-            for m, t in flags.items():
-                m.training = t
 
     def collect(self, student: nn.Module, names: Sequence[str], teacher: nn.Module | None = None,
                 targets: Mapping[str, str] | None = None,
@@ -515,13 +512,10 @@ class Calibration:
         if teacher_inputs is not None and len(teacher_inputs) != len(self.batches):
             raise ValueError(f"teacher_inputs: {len(teacher_inputs)} batches for {len(self.batches)} calibration batches")
         models = [student] + ([teacher] if teacher is not None else [])
-        flags = {m: m.training for net in models for m in net.modules()}
         handles = [smods[n].register_forward_hook(s_hook(n)) for n in names]
         if teacher is not None:
             handles += [tmods[t].register_forward_hook(t_hook(t)) for t in by_target]
-        try:
-            for net in models:
-                net.eval()
+        with eval_mode(*models, hooks=handles):
             for b, x in enumerate(self.batches):
                 cur_x.clear()
                 cur_y.clear()
@@ -545,13 +539,8 @@ class Calibration:
                     if rows is not None:
                         cols, y = cols.index_select(1, rows), y.index_select(0, rows.to(y.device))
                     stats[n].update(cols, y)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in flags.items():
-                m.training = t
-            cur_x.clear()
-            cur_y.clear()
+        cur_x.clear()
+        cur_y.clear()
         return stats
 
     @torch.no_grad()
@@ -567,10 +556,7 @@ class Calibration:
             got.append(inp[0].detach())
             raise _Stop
 
-        h = mods[name].register_forward_pre_hook(pre)
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
+        with eval_mode(model, hooks=[mods[name].register_forward_pre_hook(pre)]):
             out = []
             for b, x in enumerate(self.batches):
                 got.clear()
@@ -578,10 +564,6 @@ class Calibration:
                 if not got:
                     raise ValueError(f"name: {name!r} did not run in the forward pass (batch {b})")
                 out.append(got[0])
-        finally:
-            h.remove()
-            for m, t in flags.items():
-                m.training = t
         return out
 
     def derived(self, batches: Sequence[Tensor]) -> "Calibration":
@@ -613,17 +595,9 @@ class Calibration:
                 counts[n] += cols.shape[1]
             return h
 
-        handles = [mods[n].register_forward_hook(hook(n)) for n in names]
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
+        with eval_mode(model, hooks=[mods[n].register_forward_hook(hook(n)) for n in names]):
             for x in self.batches:
                 self._run(model, x)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in flags.items():
-                m.training = t
         missing = [n for n in names if counts[n] == 0]
         if missing:
             raise ValueError(f"names: {missing} did not run in the forward pass")
@@ -645,16 +619,8 @@ class Calibration:
                     order.append(n)
             return hook
 
-        handles = [mods[n].register_forward_pre_hook(pre(n)) for n in names]
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
+        with eval_mode(model, hooks=[mods[n].register_forward_pre_hook(pre(n)) for n in names]):
             self._run(model, self.batches[0][:1])
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in flags.items():
-                m.training = t
         return order
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -223,24 +223,34 @@ def l2_filter_prune(
     return model
 
 
+
+#: Module types whose output channels root a prunable group.
+GROUP_ROOTS = (nn.Conv2d, nn.Linear, RepBlock)
+
+
+def scored_groups(dg: Any, importance: Callable[[Any], Any], ignored: Any, locked: dict[str, str]
+                  ) -> Iterator[tuple[str, Any, torch.Tensor]]:
+    """``(name, group, importance)`` of every group of ``dg`` that can be pruned and scored (importance as a
+    float CPU tensor); a locked or unscorable group is recorded in ``locked[name]`` with its reason instead."""
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=GROUP_ROOTS):
+        name = dg.module_name(group[0].dep.target.module)
+        why = locked_reason(dg, group, ignored)
+        if why is not None:
+            locked.setdefault(name, why)
+            continue
+        imp = importance(group)
+        if imp is None:
+            locked.setdefault(name, f"{type(importance).__name__} cannot score any layer of this group")
+            continue
+        yield name, group, imp.detach().float().cpu()
+
 def _plan_step(dg: SRDependencyGraph, importance: Callable[[Any], Any], ignored: set[nn.Module],
                initial: dict[str, int], report: PruneReport, r_t: float,
                round_to: int | None) -> list[tuple[nn.Module, Callable[..., Any], list[int]]]:
     """Score every group (before pruning any) and choose the channels to remove in this step."""
     plan = []
-    roots = (nn.Conv2d, nn.Linear, RepBlock)
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=roots):
+    for name, group, imp in scored_groups(dg, importance, ignored, report.locked):
         root, fn = group[0].dep.target.module, group[0].dep.handler
-        name = dg.module_name(root)
-        why = locked_reason(dg, group, ignored)
-        if why is not None:
-            report.locked.setdefault(name, why)
-            continue
-        imp = importance(group)
-        if imp is None:
-            report.locked.setdefault(name, f"{type(importance).__name__} cannot score any layer of this group")
-            continue
-        imp = imp.detach().float().cpu()
         n_cur = len(imp)
         n0 = initial.setdefault(name, n_cur)
         n_remove = n_cur - _target_keep(n0, r_t, round_to)

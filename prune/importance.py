@@ -9,6 +9,7 @@ from torch import nn
 from torch_pruning.pruner import function
 
 from reparam import RepBlock
+from reparam.utils.modules import eval_mode
 
 __all__ = ["L2FilterImportance", "ActivationImportance", "ReconstructionImportance", "rep_block_output_kernel"]
 
@@ -102,18 +103,9 @@ class ActivationImportance:
             dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 2 else [0]
             energy[id(module)] = t.detach().float().pow(2).mean(dim=dims)
 
-        flags = {m: m.training for m in model.modules()}
-        handles = [m.register_forward_hook(hook) for m in watched]
-        try:
-            model.eval()
-            p = next(model.parameters())
-            with torch.no_grad():
-                model(self.inputs.to(device=p.device, dtype=p.dtype))
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in flags.items():
-                m.training = t
+        p = next(model.parameters())
+        with eval_mode(model, hooks=[m.register_forward_hook(hook) for m in watched]), torch.no_grad():
+            model(self.inputs.to(device=p.device, dtype=p.dtype))
         self._energy, self._key = energy, key
 
     @torch.no_grad()

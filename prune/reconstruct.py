@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from reparam.utils.modules import eval_mode
 from reparam.utils.progress import progress as progress_bar
 
 from reparam import RepBlock
@@ -346,19 +347,10 @@ def _residual_layers(model: nn.Module, calibration: Calibration, names: list[str
             io.setdefault(n, (inp[0].grad_fn, o.grad_fn))
         return h
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
-    flags = {m: m.training for m in model.modules()}
     p = next(model.parameters())
     x = calibration.batches[0][:1].to(device=p.device, dtype=p.dtype).clone().requires_grad_(True)
-    try:
-        model.eval()
-        with torch.enable_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
+    with eval_mode(model, hooks=[mods[n].register_forward_hook(hook(n)) for n in names]), torch.enable_grad():
+        out = model(x)
     adds: list[set[int]] = []
     seen: set[int] = set()
     stack = [o.grad_fn for o in (out if isinstance(out, (tuple, list)) else [out]) if o.grad_fn is not None]
@@ -406,15 +398,8 @@ def _schedule(model: nn.Module, calibration: Calibration, todo: list[str]) -> tu
 
     handles = [mods[n].register_forward_pre_hook(pre(n)) for n in todo]
     handles += [child.register_forward_pre_hook(top(n), with_kwargs=True) for n, child in model.named_children()]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model, hooks=handles):
         calibration._run(model, calibration.batches[0][:1])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags.items():
-            m.training = t
     groups: list[list[str]] = []
     for n in todo:
         if (groups and n in seen and groups[-1][0] in seen and seen[n] is seen[groups[-1][0]]

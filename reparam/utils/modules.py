@@ -7,11 +7,12 @@ them silently skips the other place. The walkers here report every place by defa
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from torch import nn
 
-__all__ = ["named_modules", "sites", "outermost", "get_module", "replace_module", "parent_and_attr"]
+__all__ = ["named_modules", "sites", "outermost", "get_module", "replace_module", "parent_and_attr", "eval_mode"]
 
 
 def _check_model(model: object) -> None:
@@ -99,3 +100,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module, arg: str = "name
     old = parent._modules[attr]  # noqa: SLF001
     setattr(parent, attr, new)
     return old
+
+
+@contextmanager
+def eval_mode(*models: nn.Module, hooks: Iterable[Any] = ()) -> Iterator[None]:
+    """Every submodule of ``models`` in eval mode for the ``with`` block; on exit (also on an exception) the
+    ``hooks`` (handles with ``.remove()``, e.g. from ``register_forward_hook``) are removed and each module's
+    own train/eval flag is restored."""
+    handles = list(hooks)
+    states = [(m, m.training) for net in models for m in net.modules()]
+    try:
+        for net in models:
+            net.eval()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in states:
+            m.training = training
