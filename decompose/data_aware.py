@@ -216,14 +216,7 @@ def reduced_rank(coef: np.ndarray, ztz: np.ndarray, r_out: int, bias: bool) -> t
     """
     f = ztz.shape[0] - 1
     bw = coef[:f]
-    n = ztz[-1, -1]
-    if bias:
-        mu = ztz[-1, :f] / n
-        cov = bw.T @ (ztz[:f, :f] - n * np.outer(mu, mu)) @ bw
-    else:
-        mu = np.zeros(f)
-        cov = bw.T @ ztz[:f, :f] @ bw
-    cov = 0.5 * (cov + cov.T)
+    cov, mu = _fitted_covariance(coef, ztz, bias)
     _, vecs = np.linalg.eigh(cov)                               # ascending eigenvalues
     vecs = _sign_fix(vecs[:, ::-1][:, :r_out])
     core_rows = vecs.T @ bw.T                                   # r_out x F
@@ -231,16 +224,22 @@ def reduced_rank(coef: np.ndarray, ztz: np.ndarray, r_out: int, bias: bool) -> t
     return vecs, core_rows, intercept
 
 
-def _fitted_eigenvalues(coef: np.ndarray, ztz: np.ndarray, bias: bool) -> np.ndarray:
+def _fitted_covariance(coef: np.ndarray, ztz: np.ndarray, bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(cov, mu)``: the (symmetrised) covariance of the fitted output ``Z B`` -- centred on the feature mean
+    ``mu`` when there is an intercept, else uncentred with ``mu = 0``."""
     f = ztz.shape[0] - 1
     bw = coef[:f]
-    n = ztz[-1, -1]
     if bias:
-        mu = ztz[-1, :f] / n
-        cov = bw.T @ (ztz[:f, :f] - n * np.outer(mu, mu)) @ bw
+        mu = ztz[-1, :f] / ztz[-1, -1]
+        cov = bw.T @ (ztz[:f, :f] - ztz[-1, -1] * np.outer(mu, mu)) @ bw
     else:
+        mu = np.zeros(f)
         cov = bw.T @ ztz[:f, :f] @ bw
-    vals = np.linalg.eigvalsh(0.5 * (cov + cov.T))[::-1]
+    return 0.5 * (cov + cov.T), mu
+
+
+def _fitted_eigenvalues(coef: np.ndarray, ztz: np.ndarray, bias: bool) -> np.ndarray:
+    vals = np.linalg.eigvalsh(_fitted_covariance(coef, ztz, bias)[0])[::-1]
     return np.maximum(vals, 0.0)
 
 

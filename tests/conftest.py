@@ -60,3 +60,25 @@ def checkpoints(shared_data: Path) -> Path:
     if not d.is_dir():
         pytest.skip("checkpoints not found in shared data")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's real-network or tiny-network runs (with pytest -n 2 on two cores more
+    threads only thrash); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_benchmark_folder(root: Path, crops) -> Path:
+    """The benchmark layout for ``[(name, hr_uint8), ...]``: ``HR/<name>.png`` and ``LR_bicubic/X4/<name>x4.png``
+    (MATLAB-style bicubic)."""
+    from effsr import data
+    from effsr.imresize import imresize
+
+    for name, hr in crops:
+        data.write_image(root / "HR" / f"{name}.png", hr)
+        data.write_image(root / "LR_bicubic" / "X4" / f"{name}x4.png", imresize(hr, scale=0.25))
+    return root

@@ -13,15 +13,6 @@ import torch
 from effsr import cli
 
 
-@pytest.fixture
-def one_thread():
-    """Real-network tests run single-threaded: with pytest -n 2 on two cores, more threads only thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()

@@ -15,13 +15,8 @@ from distill import Distiller, FeatureHooks, Supervised, losses, train_steps
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny nets run fastest single-threaded (and the CI machine is shared); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: These tiny nets run fastest single-threaded (and the CI machine is shared).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinySR(nn.Module):

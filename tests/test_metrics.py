@@ -12,15 +12,6 @@ from torch import nn
 from effsr import inference, metrics
 
 
-@pytest.fixture
-def one_thread():
-    """Real-network tests run single-threaded: with pytest -n 2 on two cores, more threads only thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- models
 class Tiny(nn.Module):
     """Every counted kind of module once, with hand-checkable numbers for a 3 x 8 x 8 input."""

@@ -10,31 +10,17 @@ import torch
 
 import effsr.shrink.commands  # noqa: F401 - registers `effsr shrink` and `effsr demo`
 from effsr import cli, data, inference, models
-from effsr.imresize import imresize
 from effsr.shrink import (ShrinkConfig, VerificationError, build_from_recipe, load_student, read_recipe,
                           save_student, verify_same)
 from effsr.shrink.runner import STOP_ENV
 from effsr.shrink.recipe import new_recipe
+from conftest import write_benchmark_folder
 
 TINY = {"nf": 8, "num_blocks": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks: one thread is faster than two fighting for the CPU under pytest -n 2 (module scope, so
-    the module-scoped runs below get it too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _write_folder(root: Path, crops: list[tuple[str, np.ndarray]]) -> Path:
-    """The benchmark layout: HR/<name>.png and LR_bicubic/X4/<name>x4.png (MATLAB-style bicubic)."""
-    for name, hr in crops:
-        data.write_image(root / "HR" / f"{name}.png", hr)
-        data.write_image(root / "LR_bicubic" / "X4" / f"{name}x4.png", imresize(hr, scale=0.25))
-    return root
+#: Small networks: one thread is faster than two fighting for the CPU under pytest -n 2.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +35,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     teacher = models.build("rfdn", **TINY).eval()
     weights = root / "teacher.safetensors"
     save_student(teacher, new_recipe("rfdn", teacher.config), weights)
-    return {"root": root, "weights": weights, "train": _write_folder(root / "train", train),
-            "eval": _write_folder(root / "eval", evals)}
+    return {"root": root, "weights": weights, "train": write_benchmark_folder(root / "train", train),
+            "eval": write_benchmark_folder(root / "eval", evals)}
 
 
 def _argv(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -12,26 +12,14 @@ import torch
 
 import effsr.shrink.commands  # noqa: F401 - registers `effsr shrink` / `effsr frontier`
 from effsr import cli, data, inference, models
-from effsr.imresize import imresize
 from effsr.shrink import compress, load_student, save_student
 from effsr.shrink.recipe import new_recipe
+from conftest import write_benchmark_folder
 
 TINY = {"nf": 12, "num_blocks": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _write_folder(root: Path, crops: list[tuple[str, np.ndarray]]) -> Path:
-    for name, hr in crops:
-        data.write_image(root / "HR" / f"{name}.png", hr)
-        data.write_image(root / "LR_bicubic" / "X4" / f"{name}x4.png", imresize(hr, scale=0.25))
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_teacher(pairs: list, steps: int = 150) -> torch.nn.Module:
@@ -53,11 +41,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     train = [(f"{n}{i}", np.ascontiguousarray(photos[n][i * 128:i * 128 + 128, 64:256]))
              for n in ("astronaut", "rocket", "chelsea") for i in range(2)]
     evals = [(n, np.ascontiguousarray(photos[n][100:228, 100:260])) for n in ("camera", "coffee")]
-    train_dir = _write_folder(root / "train", train)
+    train_dir = write_benchmark_folder(root / "train", train)
     teacher = _train_teacher(list(data.open_dataset(train_dir)))
     weights = root / "teacher.safetensors"
     save_student(teacher, new_recipe("rfdn", teacher.config), weights)
-    return {"root": root, "weights": weights, "train": train_dir, "eval": _write_folder(root / "eval", evals),
+    return {"root": root, "weights": weights, "train": train_dir, "eval": write_benchmark_folder(root / "eval", evals),
             "params": sum(p.numel() for p in teacher.parameters())}
 
 
