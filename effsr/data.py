@@ -15,7 +15,7 @@ import os
 import stat
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
 
@@ -371,6 +371,8 @@ class PatchSelection:
     dropped: list[str]
     considered: int
     auto: bool
+    #: every pair considered (also those too small for the patch), e.g. for calibration crops of another size
+    considered_pairs: list[SRPair] = field(default_factory=list)
 
     def message(self) -> str:
         """One line saying which patch size is used and how many images were left out, and why."""
@@ -416,7 +418,7 @@ def select_patch_pairs(pairs: Sequence[SRPair], patch_size: int | None = None,
         largest = max(min(p.lr.shape[:2]) for p in loaded)
         raise ValueError(f"patch_size: no training image has an LR side >= {ps} (the largest has {largest})")
     chosen = fits if limit is None else fits[: int(limit)]
-    return PatchSelection(chosen, ps, dropped, len(loaded), auto)
+    return PatchSelection(chosen, ps, dropped, len(loaded), auto, loaded)
 
 
 class PatchDataset(Dataset):

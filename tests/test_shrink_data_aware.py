@@ -175,6 +175,27 @@ def test_oneshot_is_deterministic_for_a_seed(tiny, allocation, importance):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_calibration_draws_on_images_smaller_than_the_training_patch(tiny, tmp_path):
+    """A 40 px training patch leaves the three 32 px-high LR images out of training, but the 32 px
+    calibration crops still come from all five images, and the log says from how many."""
+    from effsr.shrink.compress import calibration_patch_size
+
+    photos = {p.name: p.hr for p in data.default_images()}
+    imgs = [(f"small{i}", np.ascontiguousarray(photos["astronaut"][i * 128:i * 128 + 128, 64:256])) for i in range(3)]
+    imgs += [(f"large{i}", np.ascontiguousarray(photos["rocket"][i * 192:i * 192 + 192, 100:292])) for i in range(2)]
+    folder = write_benchmark_folder(tmp_path / "mixed", imgs)
+    sel = data.select_patch_pairs(list(data.open_dataset(folder)), 40)
+    assert (len(sel.pairs), len(sel.considered_pairs)) == (2, 5)
+    assert calibration_patch_size(sel.considered_pairs) == 32
+    out = tmp_path / "run"
+    argv = _argv(tiny, out, "--target-params", str(int(0.8 * tiny["params"])), "--method", "tucker",
+                 "--steps", "0")
+    argv[argv.index("--patch-size") + 1] = "40"
+    argv[argv.index("--train-data") + 1] = str(folder)
+    assert cli.main(argv) == 0
+    assert "calibration: 16 LR patches of 32 px from 5 training image(s)" in (out / "log.txt").read_text()
+
+
 def test_calibration_patches_are_aligned_lr_hr_crops(tiny):
     pairs = list(data.open_dataset(tiny["train"]))
     lr, hr = compress.calibration_patches(pairs, 5, 16, 0)
@@ -195,6 +216,8 @@ def _contains(img: np.ndarray, crop: torch.Tensor) -> bool:
     (("--target-params", "10", "--method", "prune"), "--target-params"),
     (("--target-params", "10", "--method", "auto"), "cannot be reached"),
     (("--target-params", "1000", "--calib-images", "0"), "--calib-images"),
+    (("--target-params", "1000", "--calib-rows", "-3"), "--calib-rows"),
+    (("--target-params", "1000", "--tucker-refine", "-1"), "--tucker-refine"),
     (("--target-params", "1000", "--method", "magic"), "--method"),
     (("--target-params", "1000", "--importance", "magic"), "--importance"),
     (("--target-params", "1000", "--prune", "0.3"), "--prune"),
@@ -264,6 +287,8 @@ def test_frontier_flags_a_student_below_bicubic(tmp_path, tiny, capsys):
     (("--budgets", "0.5,1.2"), "--budgets"),
     (("--method", "prune,magic"), "--method"),
     (("--calib-images", "0"), "--calib-images"),
+    (("--calib-rows", "-1"), "--calib-rows"),
+    (("--tucker-refine", "-2"), "--tucker-refine"),
 ])
 def test_frontier_bad_input(tiny, tmp_path, capsys, change, needle):
     out = tmp_path / "fr"

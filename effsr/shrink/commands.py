@@ -44,8 +44,7 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default="recon", metavar="l2|activation|recon",
                    help="which filters data-aware pruning removes: the reconstruction-error greedy selection, "
                         "activation energy, or L2 norm (weight norms alone ruin the official RFDN: 20 dB)")
-    p.add_argument("--calib-images", type=int, default=64, metavar="N",
-                   help="calibration LR patches (32 px) cut from the training data")
+    _calibration_args(p)
     p.add_argument("--allocation", default="uniform", metavar="uniform|sensitivity",
                    help="data-aware pruning: one ratio for every group, or per-group ratios from the calibration "
                         "sensitivity (prune.budget; measured worse on RFDN)")
@@ -111,6 +110,21 @@ def _model_config(text: str | None) -> dict:
     return value
 
 
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    """The calibration options ``shrink`` and ``frontier`` share."""
+    p.add_argument("--calib-images", type=int, default=64, metavar="N",
+                   help="calibration LR patches (32 px) cut from every training image that fits one")
+    p.add_argument("--calib-rows", type=int, default=2048, metavar="N",
+                   help="output pixels per calibration batch of 8 patches each layer's statistics use "
+                        "(a seeded subsample; 0: all, 8192 for 32 px patches)")
+    p.add_argument("--tucker-refine", type=int, default=2, metavar="N",
+                   help="alternating refinement rounds of each data-aware Tucker factorization (0: none)")
+
+
+def _rows(n: int) -> int | None:
+    return None if n == 0 else n
+
+
 def _config(args: argparse.Namespace):  # -> ShrinkConfig
     from .config import ShrinkConfig
 
@@ -124,7 +138,8 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
         progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
-        method=args.method, importance=args.importance, calib_images=args.calib_images, objective=args.objective,
+        method=args.method, importance=args.importance, calib_images=args.calib_images,
+        calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine, objective=args.objective,
         objective_tolerance=args.objective_tolerance, allocation=args.allocation)
     try:
         return cfg.validate()
@@ -232,7 +247,7 @@ def _frontier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="prune,tucker", metavar="M,M",
                    help="one-shot methods: prune (+ least-squares reconstruction), tucker (data-aware)")
     p.add_argument("--importance", default="recon", metavar="l2|activation|recon", help="pruning importance")
-    p.add_argument("--calib-images", type=int, default=64, metavar="N", help="calibration LR patches (32 px)")
+    _calibration_args(p)
     p.add_argument("--tucker-min-channels", type=int, default=16, metavar="N",
                    help="Tucker skips convs with fewer channels")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (frontier.json/.csv/.png)")
@@ -264,8 +279,8 @@ def _frontier(args: argparse.Namespace) -> int:
     cfg = FrontierConfig(model=args.model, weights=args.weights, calib_data=args.calib_data,
                          eval_data=list(args.eval_data), out=args.out, budgets=_floats(args.budgets, "--budgets"),
                          methods=[m.strip() for m in args.method.split(",") if m.strip()],
-                         calib_images=args.calib_images, importance=args.importance,
-                         tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
+                         calib_images=args.calib_images, calib_rows=_rows(args.calib_rows),
+                         tucker_refine=args.tucker_refine, importance=args.importance, tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
                          resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
                          runtime_trials=args.runtime_trials, max_eval_images=args.max_eval_images,
                          y_round=not args.y_float, progress=not args.no_progress,

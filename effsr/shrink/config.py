@@ -80,6 +80,10 @@ class ShrinkConfig:
     method: str = "auto"
     importance: str = "recon"
     calib_images: int = 64
+    #: output pixels per calibration batch each layer's statistics use (None: all)
+    calib_rows: int | None = 2048
+    #: alternating refinement rounds of each data-aware Tucker factorization
+    tucker_refine: int = 2
     objective: str = "psnr"
     objective_tolerance: float = 0.1
     allocation: str = "uniform"
@@ -164,6 +168,10 @@ class ShrinkConfig:
             raise ValueError(f"--objective: unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if not is_int(self.calib_images) or self.calib_images < 1:
             raise ValueError(f"--calib-images must be an int >= 1, got {self.calib_images!r}")
+        if self.calib_rows is not None and (not is_int(self.calib_rows) or self.calib_rows < 1):
+            raise ValueError(f"--calib-rows must be an int >= 1 (0 on the command line: all), got {self.calib_rows!r}")
+        if not is_int(self.tucker_refine) or self.tucker_refine < 0:
+            raise ValueError(f"--tucker-refine must be an int >= 0, got {self.tucker_refine!r}")
         if not is_number(self.objective_tolerance) or self.objective_tolerance < 0:
             raise ValueError(f"--objective-tolerance must be a number of dB >= 0, got {self.objective_tolerance!r}")
         if self.data_aware and (float(self.prune) > 0 or self.tucker is not None):

@@ -46,6 +46,8 @@ class FrontierConfig:
     budgets: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.67, 0.5, 0.33])
     methods: list[str] = dataclasses.field(default_factory=lambda: list(FRONTIER_METHODS))
     calib_images: int = 64
+    calib_rows: int | None = 2048
+    tucker_refine: int = 2
     importance: str = "recon"
     tucker_min_channels: int = 16
     seed: int = 0
@@ -89,14 +91,15 @@ class FrontierConfig:
                          max_eval_images=self.max_eval_images, peers=self.peers, peers_dir=self.peers_dir,
                          runtime_trials=self.runtime_trials, model_config=self.model_config,
                          tucker_min_channels=self.tucker_min_channels, seed=self.seed,
-                         calib_images=self.calib_images, importance=self.importance).validate()
+                         calib_images=self.calib_images, calib_rows=self.calib_rows,
+                         tucker_refine=self.tucker_refine, importance=self.importance).validate()
         except ValueError as err:
             raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
         return self
 
     def fingerprint(self) -> str:
-        keep = ("model", "calib_data", "calib_images", "importance", "tucker_min_channels", "seed", "y_round",
-                "model_config", "max_eval_images")
+        keep = ("model", "calib_data", "calib_images", "calib_rows", "tucker_refine", "importance",
+                "tucker_min_channels", "seed", "y_round", "model_config", "max_eval_images")
         d = {k: getattr(self, k) for k in keep}
         d["weights"] = str(Path(self.weights).resolve())
         d["eval_data"] = [str(Path(e).resolve()) if e != "default" else e for e in self.eval_data]
@@ -189,7 +192,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
         _log(out, f"frontier: resuming, {len(doc['points'])} point(s) done")
     rng = model_input_range(teacher)
     lr, _ = compress.calibration_patches(list(sel.pairs), cfg.calib_images, patch, cfg.seed)
-    calib = compress.make_calibration(lr, rng, cfg.seed)
+    calib = compress.make_calibration(lr, rng, cfg.seed, rows=cfg.calib_rows)
     if doc is None:
         bic = bicubic(eval_sets, y_round=cfg.y_round)
         trow = measure("teacher", "teacher", teacher, eval_sets, device, cfg.runtime_trials, y_round=cfg.y_round)
@@ -201,7 +204,8 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
                     row["published"] = pub
         doc = {"fingerprint": fp, "config": dataclasses.asdict(cfg), "eval_sets": list(eval_sets),
                "bicubic": bic, "y_round": cfg.y_round, "teacher": trow, "peers": peers, "points": {},
-               "calibration": {"patches": cfg.calib_images, "patch": patch, "data": cfg.calib_data}}
+               "calibration": {"patches": cfg.calib_images, "patch": patch, "data": cfg.calib_data,
+                               "rows": cfg.calib_rows, "tucker_refine": cfg.tucker_refine}}
         _write(out, doc)
     todo = [(m, f) for m in cfg.methods for f in cfg.budgets if _key(m, f) not in doc["points"]]
     base_recipe = new_recipe(teacher.arch, dict(teacher.config))
@@ -211,7 +215,8 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         model, info = compress.oneshot(m, teacher, teacher, calib, targets[k], None, importance=cfg.importance,
-                                       min_channels=cfg.tucker_min_channels, progress=cfg.progress)
+                                       min_channels=cfg.tucker_min_channels, progress=cfg.progress,
+                                       refine=cfg.tucker_refine)
         seconds = time.perf_counter() - t0
         row = measure(f"{m} {f:g}", "student", model, eval_sets, device, cfg.runtime_trials, y_round=cfg.y_round)
         row.pop("per_image", None)

@@ -169,7 +169,8 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
         eval_sets = open_eval_sets(cfg.eval_data, cfg.max_eval_images)
     state = RunState(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, train_pairs=list(selection.pairs),
                      eval_sets={k: list(v) for k, v in eval_sets.items()}, dist=dist_ctx,
-                     teacher_label=teacher_label, patch_size=selection.patch_size)
+                     teacher_label=teacher_label, patch_size=selection.patch_size,
+                     calib_pairs=list(selection.considered_pairs or selection.pairs))
     if state.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.as_dict())

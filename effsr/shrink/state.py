@@ -38,6 +38,8 @@ class RunState:
     stage_name: str = ""  #: name of the stage running now (set by the runner)
     #: folder for the running stage's mid-stage checkpoints (set by the runner; removed when the stage is saved)
     partial_dir: Path | None = None
+    #: every training pair, also those smaller than the training patch (calibration crops are 32 px)
+    calib_pairs: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def main(self) -> bool:
