@@ -15,7 +15,7 @@ import os
 import stat
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
@@ -372,7 +372,7 @@ class PatchSelection:
     considered: int
     auto: bool
     #: every pair considered (also those too small for the patch), e.g. for calibration crops of another size
-    considered_pairs: list[SRPair] = field(default_factory=list)
+    considered_pairs: list[SRPair]
 
     def message(self) -> str:
         """One line saying which patch size is used and how many images were left out, and why."""

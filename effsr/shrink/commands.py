@@ -7,6 +7,8 @@ from pathlib import Path
 
 from effsr.cli_core import CLIError, command, error_line, model_help
 
+from .config import CALIB_ROWS, TUCKER_REFINE
+
 __all__: list[str] = []
 
 
@@ -114,10 +116,10 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     """The calibration options ``shrink`` and ``frontier`` share."""
     p.add_argument("--calib-images", type=int, default=64, metavar="N",
                    help="calibration LR patches (32 px) cut from every training image that fits one")
-    p.add_argument("--calib-rows", type=int, default=2048, metavar="N",
+    p.add_argument("--calib-rows", type=int, default=CALIB_ROWS, metavar="N",
                    help="output pixels per calibration batch of 8 patches each layer's statistics use "
                         "(a seeded subsample; 0: all, 8192 for 32 px patches)")
-    p.add_argument("--tucker-refine", type=int, default=2, metavar="N",
+    p.add_argument("--tucker-refine", type=int, default=TUCKER_REFINE, metavar="N",
                    help="alternating refinement rounds of each data-aware Tucker factorization (0: none)")
 
 
@@ -280,7 +282,8 @@ def _frontier(args: argparse.Namespace) -> int:
                          eval_data=list(args.eval_data), out=args.out, budgets=_floats(args.budgets, "--budgets"),
                          methods=[m.strip() for m in args.method.split(",") if m.strip()],
                          calib_images=args.calib_images, calib_rows=_rows(args.calib_rows),
-                         tucker_refine=args.tucker_refine, importance=args.importance, tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
+                         tucker_refine=args.tucker_refine, importance=args.importance,
+                         tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
                          resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
                          runtime_trials=args.runtime_trials, max_eval_images=args.max_eval_images,
                          y_round=not args.y_float, progress=not args.no_progress,

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "CALIB_ROWS", "TUCKER_REFINE",
-           "calibration_patch_size", "held_out", "calibration_patches", "make_calibration", "challenge_conv_flops", "budget_of", "check_budget", "oneshot", "choose", "patch_psnr_y",
-           "PRUNE_EXAMPLE_SHAPE"]
+from .config import CALIB_ROWS, TUCKER_REFINE
+
+__all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out",
+           "fitting_images", "calibration_patches", "make_calibration", "challenge_conv_flops", "budget_of",
+           "check_budget", "oneshot", "choose", "patch_psnr_y", "PRUNE_EXAMPLE_SHAPE"]
 
 METHODS = ("prune", "tucker", "auto")
 IMPORTANCES = ("l2", "activation", "recon")
@@ -51,13 +53,18 @@ def held_out(n: int) -> int:
     return max(8, n // 4)
 
 
+def fitting_images(pairs: Sequence[Any], patch: int) -> list[Any]:
+    """The pairs whose LR image takes a ``patch x patch`` crop."""
+    return [p for p in pairs if min(p.lr.shape[:2]) >= patch]
+
+
 def calibration_patches(pairs: Sequence[Any], n: int, patch: int, seed: int, scale: int = 4
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` (LR ``[n, 3, patch, patch]``, HR ``[n, 3, patch*scale, patch*scale]``) uint8-valued float crops
     (0-255) at seeded random positions, cycling over the pairs (in a seeded order) whose LR image fits."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"--calib-images must be an int >= 1, got {n!r}")
-    fit = [p for p in pairs if min(p.lr.shape[:2]) >= patch]
+    fit = fitting_images(pairs, patch)
     if not fit:
         raise ValueError(f"--calib-images: no training image has an LR side >= {patch} px")
     rng = np.random.default_rng(seed)
@@ -80,14 +87,6 @@ def calibration_patch_size(pairs: Sequence[Any], preferred: int = CALIB_PATCH) -
     (at least 16: ESA's strided conv and 7x7 pool)."""
     largest = max((min(p.lr.shape[:2]) for p in pairs), default=0)
     return max(16, min(preferred, largest))
-
-
-#: Output pixels per calibration batch each layer's statistics keep (a seeded subsample; None: all). 2048 of
-#: the 8192 a batch of eight 32 px patches has: measured on RFDN, the same data-aware Tucker PSNR within
-#: 0.03 dB at three quarters of the time (bench_results/oneshot_tucker*.json).
-CALIB_ROWS = 2048
-#: Alternating refinement rounds of each data-aware Tucker fit (RFDN at -33 %: +0.07 dB Set5 for 1.3x the time).
-TUCKER_REFINE = 2
 
 
 def make_calibration(lr: torch.Tensor, input_range: float, seed: int, batch_size: int = 8,
@@ -397,7 +396,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
                            cfg.tucker_min_channels)
     if cfg.method == "auto" and len(methods) < 2:
         state.log(f"auto: only {methods[0]} can reach the budget")
-    pairs = state.calib_pairs or state.train_pairs  # every training image, also those under the training patch
+    pairs = state.calib_pairs  # every training image, also those under the training patch
     patch = calibration_patch_size(pairs)
     n = int(cfg.calib_images)
     lr, hr = calibration_patches(pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
@@ -405,7 +404,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
     calib = make_calibration(lr[:n], rng, cfg.seed, rows=cfg.calib_rows)
     held = (lr[n:], hr[n:]) if len(methods) > 1 else (lr[:n], hr[:n])
     t_calib = time.perf_counter() - t0
-    fit = sum(min(p.lr.shape[:2]) >= patch for p in pairs)
+    fit = len(fitting_images(pairs, patch))
     state.log(f"calibration: {n} LR patches of {patch} px from {fit} training image(s)"
               + (f" ({held[0].shape[0]} more held out)" if len(methods) > 1 else ""))
     pick, model, info = _run_candidates(state, methods, calib, held)

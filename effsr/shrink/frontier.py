@@ -29,6 +29,8 @@ import torch
 
 from reparam.utils.io import write_json, write_text
 
+from .config import CALIB_ROWS, TUCKER_REFINE
+
 __all__ = ["FrontierConfig", "run_frontier", "FRONTIER_METHODS"]
 
 FRONTIER_METHODS = ("prune", "tucker")
@@ -46,8 +48,8 @@ class FrontierConfig:
     budgets: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.67, 0.5, 0.33])
     methods: list[str] = dataclasses.field(default_factory=lambda: list(FRONTIER_METHODS))
     calib_images: int = 64
-    calib_rows: int | None = 2048
-    tucker_refine: int = 2
+    calib_rows: int | None = CALIB_ROWS
+    tucker_refine: int = TUCKER_REFINE
     importance: str = "recon"
     tucker_min_channels: int = 16
     seed: int = 0

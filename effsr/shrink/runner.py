@@ -170,7 +170,7 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
     state = RunState(cfg=cfg, run_dir=run_dir, device=device, teacher=teacher, train_pairs=list(selection.pairs),
                      eval_sets={k: list(v) for k, v in eval_sets.items()}, dist=dist_ctx,
                      teacher_label=teacher_label, patch_size=selection.patch_size,
-                     calib_pairs=list(selection.considered_pairs or selection.pairs))
+                     calib_pairs=list(selection.considered_pairs))
     if state.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.as_dict())
