@@ -8,6 +8,12 @@ of ``rho`` -- and then removes channels greedily where the error per saved param
 lowest, until the budget is met. The result is pruned for real and counted; while it is above the
 budget the allocation is repeated with the shortfall added, so the returned model meets the budget
 (``<=``). The report says what every group got.
+
+``allocation="uniform"`` instead removes one fraction of every group (the smallest that fits, found on
+the real pruned counts) and then spends the budget that fraction leaves unused: atoms are given back,
+one at a time, to the groups whose measured error falls most per parameter (or FLOP) restored, while
+the real count stays within the budget. Mild, even cuts are what closed-form reconstruction repairs
+best; the fill keeps that and uses the budget fully.
 """
 from __future__ import annotations
 
@@ -29,10 +35,17 @@ from .core import (HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels,
 from .graph import build_graph, channel_atoms
 from .importance import L2FilterImportance
 
-__all__ = ["prune_to_budget", "mac_count", "BudgetReport", "GroupAllocation", "DEFAULT_GRID"]
+__all__ = ["prune_to_budget", "mac_count", "BudgetReport", "GroupAllocation", "DEFAULT_GRID", "ALLOCATIONS"]
 
 #: Fractions of each group at which the sensitivity is measured.
 DEFAULT_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+#: Resolution of the uniform allocation's ratio search (distinct removal vectors along ``max_ratio * j / N``).
+UNIFORM_STEPS = 2000
+
+#: ``"sensitivity"``: per-group counts allocated greedily from the sensitivity curves; ``"uniform"``: one
+#: fraction of every group, then the unused budget filled where restoring an atom helps most.
+ALLOCATIONS = ("sensitivity", "uniform")
 
 
 @dataclass
@@ -63,6 +76,9 @@ class BudgetReport:
     locked: dict[str, str] = field(default_factory=dict)
     iterations: int = 0
     seconds: float = 0.0
+    allocation: str = "sensitivity"
+    ratio: float | None = None          #: the uniform fraction (``allocation="uniform"``)
+    restored: int = 0                   #: atoms given back by the uniform allocation's fill
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,7 +90,8 @@ class BudgetReport:
         lines = [f"budget: params {self.params_before:,} -> {self.params:,} (target {self.target_params})"
                  + (f", FLOPs {self.flops_before:,} -> {self.flops:,} (target {self.target_flops})"
                     if self.flops is not None else "") + f"; {self.iterations} allocation rounds, "
-                 f"{self.seconds:.1f} s; importance {self.importance}"]
+                 f"{self.seconds:.1f} s; importance {self.importance}; allocation {self.allocation}"
+                 + (f" (ratio {self.ratio:.4f}, {self.restored} atom(s) restored)" if self.ratio is not None else "")]
         for g in self.groups:
             lines.append(f"  {g.name:<28} keeps {g.kept:>4}/{g.channels:<4} ({g.ratio:.0%} removed)")
         for n, why in self.locked.items():
@@ -262,6 +279,7 @@ def prune_to_budget(
     sensitivity_batches: int = 1,
     max_rounds: int = 24,
     bias_compensation: bool = True,
+    allocation: str = "sensitivity",
     progress: bool = False,
 ) -> nn.Module:
     """Prune a copy of ``model`` to at most ``target_params`` parameters (and/or ``target_flops``).
@@ -283,6 +301,10 @@ def prune_to_budget(
         bias_compensation: measure each sensitivity with the removed channels' mean contribution
             folded into the consumers' biases (as :func:`prune.reconstruct` does), a closer proxy for
             the error left after reconstruction.
+        allocation: ``"sensitivity"`` (per-group counts from the measured curves, greedy on error per
+            saved parameter/FLOP) or ``"uniform"`` (the smallest uniform fraction that fits on the real
+            counts, then the unused budget given back atom by atom where the measured error falls most
+            per parameter/FLOP restored; ``grid`` is not used).
 
     Returns:
         The pruned model with ``.pruning_history`` (replayable by :func:`prune.load` and usable by
@@ -306,6 +328,8 @@ def prune_to_budget(
     grid = sorted(float(r) for r in grid)
     if not grid or grid[0] <= 0 or grid[-1] >= 1:
         raise ValueError(f"grid must be fractions in (0, 1), got {grid!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if importance is None:
         importance = L2FilterImportance()
     count_flops = flops_fn or (lambda m: mac_count(m, flops_input_size))
@@ -325,7 +349,7 @@ def prune_to_budget(
     dg = build_graph(work, example)
     shapes = _output_pixels(work, flops_input_size)
     report = BudgetReport(target_params, target_flops, params0, params0, flops0, flops0,
-                          type(importance).__name__)
+                          type(importance).__name__, allocation=allocation)
     groups: list[_Group] = []
     for name, group, imp in scored_groups(dg, importance, ignored, report.locked):
         pp, pf = _per_channel_cost(dg, group, shapes)
@@ -337,46 +361,16 @@ def prune_to_budget(
     inputs = [x.to(device=p.device, dtype=p.dtype) for x in calibration.batches[:max(1, int(sensitivity_batches))]]
     with torch.no_grad():
         ref = [work(x) for x in inputs]
-    means = None
-    if bias_compensation:
-        names_of = {id(m): n for n, m in work.named_modules()}
-        convs = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
-                 if isinstance(c, nn.Conv2d) and c.groups == 1 and c.bias is not None}
-        got = Calibration(inputs).input_means(work, list(dict.fromkeys(convs.values()))) if convs else {}
-        means = {i: got[n] for i, n in convs.items()}
-    for g in groups:
-        g.grid = list(grid)
-        g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref, means) for r in grid]
-
-    # -------- allocation rounds until the real pruned model fits
-    extra_p = extra_f = 0.0
-    min_p = min(g.per_param * len(g.atoms[0]) for g in groups)
-    min_f = min(g.per_flop * len(g.atoms[0]) for g in groups)
-    best = None
-    for rnd in range(1, max_rounds + 1):
-        need_p = (params0 - target_params + extra_p) if target_params is not None else 0.0
-        need_f = (flops0 - target_flops + extra_f) if target_flops is not None else 0.0
-        removal = _allocate(groups, need_p, need_f, params0, flops0 or 1, max_ratio)
-        if removal is None:
-            break
-        pruned = _apply(model, example, groups, removal, names)
-        n_p = _n_params(pruned)
-        n_f = count_flops(pruned) if target_flops is not None else None
-        report.iterations = rnd
-        ok_p = target_params is None or n_p <= target_params
-        ok_f = target_flops is None or n_f <= target_flops
-        best = (pruned, removal, n_p, n_f)
-        if ok_p and ok_f:
-            break
-        # ask for the shortfall again, and at least one more atom of the cheapest group
-        if not ok_p:
-            extra_p += max((n_p - target_params) * 1.05 + 1, min_p)
-        if not ok_f:
-            extra_f += max((n_f - target_flops) * 1.05 + 1, min_f)
+    means = _consumer_means(work, groups, inputs) if bias_compensation else None
+    budget = _Budget(model, example, groups, names, target_params, target_flops, count_flops)
+    if allocation == "uniform":
+        best = _uniform_fill(budget, work, inputs, ref, means, max_ratio, max_rounds, report)
     else:
-        best = None
-    if best is None or not ((target_params is None or best[2] <= target_params)
-                            and (target_flops is None or best[3] <= target_flops)):
+        for g in groups:
+            g.grid = list(grid)
+            g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref, means) for r in grid]
+        best = _sensitivity_rounds(budget, params0, flops0, max_ratio, max_rounds, report)
+    if best is None:
         what = "target_params" if target_params is not None else "target_flops"
         raise ValueError(f"{what}: the budget cannot be reached with max_ratio={max_ratio} per group "
                          f"(locked groups: {len(report.locked)})")
@@ -389,6 +383,157 @@ def prune_to_budget(
     if progress:
         print(report.summary())
     return pruned
+
+
+def _consumer_means(work: nn.Module, groups: list[_Group], inputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """im2col input means of every biased dense consumer conv of ``groups`` (for bias compensation)."""
+    names_of = {id(m): n for n, m in work.named_modules()}
+    convs = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
+             if isinstance(c, nn.Conv2d) and c.groups == 1 and c.bias is not None}
+    got = Calibration(inputs).input_means(work, list(dict.fromkeys(convs.values()))) if convs else {}
+    return {i: got[n] for i, n in convs.items()}
+
+
+class _Budget:
+    """Prunes a fresh copy for a removal vector and says whether its real counts meet the budget."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[_Group], names: Any,
+                 target_params: int | None, target_flops: int | None, count_flops: Callable[[nn.Module], int]):
+        self.model, self.example, self.groups, self.names = model, example, groups, names
+        self.target_params, self.target_flops, self.count_flops = target_params, target_flops, count_flops
+
+    def apply(self, removal: list[int]) -> tuple[nn.Module, list[int], int, int | None]:
+        pruned = _apply(self.model, self.example, self.groups, removal, self.names)
+        n_f = self.count_flops(pruned) if self.target_flops is not None else None
+        return pruned, list(removal), _n_params(pruned), n_f
+
+    def fits(self, n_p: int, n_f: int | None) -> bool:
+        return ((self.target_params is None or n_p <= self.target_params)
+                and (self.target_flops is None or (n_f is not None and n_f <= self.target_flops)))
+
+
+def _sensitivity_rounds(budget: _Budget, params0: int, flops0: int | None, max_ratio: float, max_rounds: int,
+                        report: BudgetReport) -> tuple[nn.Module, list[int], int, int | None] | None:
+    """Greedy allocation from the sensitivity curves, repeated with the shortfall until the real model fits."""
+    groups, tp, tf = budget.groups, budget.target_params, budget.target_flops
+    extra_p = extra_f = 0.0
+    min_p = min(g.per_param * len(g.atoms[0]) for g in groups)
+    min_f = min(g.per_flop * len(g.atoms[0]) for g in groups)
+    for rnd in range(1, max_rounds + 1):
+        need_p = (params0 - tp + extra_p) if tp is not None else 0.0
+        need_f = (flops0 - tf + extra_f) if tf is not None and flops0 is not None else 0.0
+        removal = _allocate(groups, need_p, need_f, params0, flops0 or 1, max_ratio)
+        if removal is None:
+            return None
+        best = budget.apply(removal)
+        report.iterations = rnd
+        _, _, n_p, n_f = best
+        if budget.fits(n_p, n_f):
+            return best
+        # ask for the shortfall again, and at least one more atom of the cheapest group
+        if tp is not None and n_p > tp:
+            extra_p += max((n_p - tp) * 1.05 + 1, min_p)
+        if tf is not None and n_f is not None and n_f > tf:
+            extra_f += max((n_f - tf) * 1.05 + 1, min_f)
+    return None
+
+
+def _uniform_removal(groups: list[_Group], ratio: float, max_ratio: float) -> list[int]:
+    """Channels each group loses at one uniform ``ratio`` (as :func:`prune.l2_filter_prune` rounds it:
+    the nearest kept count, whole atoms, at most ``max_ratio``)."""
+    out = []
+    for g in groups:
+        s = len(g.atoms[0])
+        keep = min(g.n, math.floor(g.n * (1.0 - ratio) + 0.5))
+        lim = (g.max_remove(max_ratio) // s) * s
+        out.append(min(lim, ((g.n - keep) // s) * s))
+    return out
+
+
+def _uniform_fill(budget: _Budget, work: nn.Module, inputs: list[torch.Tensor], ref: list[torch.Tensor],
+                  means: dict[int, torch.Tensor] | None, max_ratio: float, max_rounds: int,
+                  report: BudgetReport) -> tuple[nn.Module, list[int], int, int | None] | None:
+    """The smallest uniform ratio whose real counts fit, then atoms given back where they help most."""
+    groups, tp, tf = budget.groups, budget.target_params, budget.target_flops
+    # distinct removal vectors along the ratio (monotone), then bisection on the real counts
+    ladder: list[tuple[float, list[int]]] = []
+    for j in range(UNIFORM_STEPS + 1):
+        r = max_ratio * j / UNIFORM_STEPS
+        rem = _uniform_removal(groups, r, max_ratio)
+        if not ladder or rem != ladder[-1][1]:
+            ladder.append((r, rem))
+    best = budget.apply(ladder[-1][1])
+    if not budget.fits(best[2], best[3]):
+        return None
+    lo, hi = 0, len(ladder) - 1           # ladder[lo] does not fit (nothing removed), ladder[hi] fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        got = budget.apply(ladder[mid][1])
+        if budget.fits(got[2], got[3]):
+            hi, best = mid, got
+        else:
+            lo = mid
+    report.ratio = ladder[hi][0]
+    removal = list(best[1])
+
+    # -------- fill: restore atoms where the measured (single-group) error falls most per unit restored
+    err: dict[tuple[int, int], float] = {}
+
+    def error(i: int, k: int) -> float:
+        if k <= 0:
+            return 0.0
+        if (i, k) not in err:
+            err[(i, k)] = _masked_error(work, groups[i], k, inputs, ref, means)
+        return err[(i, k)]
+
+    p0, f0 = float(report.params_before), float(report.flops_before or 1)
+    steps = [len(g.atoms[0]) for g in groups]
+    rounds = 1
+    while rounds < max_rounds:
+        _, _, n_p, n_f = best
+        spare_p = (tp - n_p) if tp is not None else math.inf
+        spare_f = (tf - n_f) if tf is not None and n_f is not None else math.inf
+        picks: list[int] = []
+        trial = list(removal)
+        while True:
+            choice, score = -1, -math.inf
+            for i, g in enumerate(groups):
+                s = steps[i]
+                cp, cf = g.per_param * s, g.per_flop * s
+                if trial[i] < s or cp > spare_p or cf > spare_f:
+                    continue
+                cost = (cp / p0 if tp is not None else 0.0) + (cf / f0 if tf is not None else 0.0)
+                gain = max(error(i, trial[i]) - error(i, trial[i] - s), 0.0)
+                sc = gain / max(cost, 1e-12)
+                if sc > score:
+                    choice, score = i, sc
+            if choice < 0:
+                break
+            s = steps[choice]
+            trial[choice] -= s
+            picks.append(choice)
+            spare_p -= groups[choice].per_param * s
+            spare_f -= groups[choice].per_flop * s
+        if not picks:
+            break
+        rounds += 1
+        got = budget.apply(trial)
+        while not budget.fits(got[2], got[3]) and picks:      # the cost estimate ignores overlaps: undo
+            picks.pop()
+            trial = list(removal)
+            for i in picks:
+                trial[i] -= steps[i]
+            got = budget.apply(trial)
+        if not picks or not budget.fits(got[2], got[3]):
+            break
+        report.restored += len(picks)
+        removal, best = list(trial), got
+    report.iterations = rounds
+    for i, g in enumerate(groups):
+        ks = sorted(k for (j, k) in err if j == i)
+        g.grid = [k / g.n for k in ks]
+        g.curve = [err[(i, k)] for k in ks]
+    return best
 
 
 def _allocate(groups: list[_Group], need_p: float, need_f: float, p0: float, f0: float,

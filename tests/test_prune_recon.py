@@ -264,6 +264,47 @@ def test_budget_is_met_and_reported(kind):
     assert torch.equal(again(x), small(x))
 
 
+@settings(max_examples=8, deadline=None)
+@given(frac=st.floats(0.4, 0.85), kind=st.sampled_from(["params", "flops"]))
+def test_uniform_allocation_fills_the_budget_its_ratio_leaves(frac, kind):
+    net = _net()
+    calib = _calib()
+    x = calib.batches[0][:1]
+    size = (3, 16, 16)
+    count = (lambda m: sum(p.numel() for p in m.parameters())) if kind == "params" else \
+        (lambda m: prune.mac_count(m, size))
+    target = int(frac * count(net))
+    kw = {"target_" + kind: target}
+    small = prune.prune_to_budget(net, x, calib, flops_input_size=size, allocation="uniform", **kw)
+    rep = small.pruning_report
+    assert rep.allocation == "uniform" and rep.ratio is not None and 0 < rep.ratio <= 0.75
+    assert count(small) <= target
+    # the ratio alone (pruned the plain way, same L2 ranking) fits too, and the fill only adds back to it
+    plain = prune.l2_filter_prune(net, x, rep.ratio, steps=1, flops_input_size=None, progress=False)
+    assert count(plain) <= target
+    assert count(small) >= count(plain)
+    assert (count(small) > count(plain)) == (rep.restored > 0)
+    kept_plain = {n: c.out_channels for n, c in _convs(plain).items()}
+    for n, c in _convs(small).items():
+        assert c.out_channels >= kept_plain[n]
+    # every restored atom is measured: the group's curve holds the error where it stopped
+    for g in rep.groups:
+        assert len(g.grid) == len(g.sensitivity)
+    again = prune.prune_to_budget(net, x, calib, flops_input_size=size, allocation="uniform", **kw)
+    assert torch.equal(again(x), small(x))
+    assert torch.equal(prune.load(_net(), _save(small))(x), small(x))
+
+
+def test_uniform_allocation_restores_atoms_on_a_budget_between_two_ratios():
+    net = _net()
+    calib = _calib()
+    x = calib.batches[0][:1]
+    small = prune.prune_to_budget(net, x, calib, target_params=1507, allocation="uniform")
+    rep = small.pruning_report
+    assert rep.restored >= 1 and rep.params == sum(p.numel() for p in small.parameters()) <= 1507
+    assert "allocation uniform" in rep.summary() and "restored" in rep.summary()
+
+
 def _save(m: nn.Module):
     import tempfile
     from pathlib import Path
@@ -299,6 +340,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         prune.prune_to_budget(net, x, calib, target_flops=10**12, flops_input_size=(3, 16, 16))
     with pytest.raises(ValueError, match="target"):
         prune.prune_to_budget(net, x, calib)
+    with pytest.raises(ValueError, match="allocation"):
+        prune.prune_to_budget(net, x, calib, target_params=p0 // 2, allocation="greedy")
+    with pytest.raises(ValueError, match="target_params"):
+        prune.prune_to_budget(net, x, calib, target_params=10, allocation="uniform")
     small = prune.l2_filter_prune(net, x, ratio=0.3, progress=False)
     with pytest.raises(ValueError, match="ridge"):
         prune.reconstruct(small, net, calib, ridge=-1.0, progress=False)
