@@ -82,8 +82,10 @@ def test_training_free_prune_meets_budget_beats_plain_l2_and_reloads(tiny, prune
     assert rep["stages"]["distill"] is None  # --steps 0: training-free, no distillation stage
     oneshot = comp["eval"]["eval"]["psnr_y"]
     assert oneshot == pytest.approx(student["eval"]["eval"]["psnr_y"], abs=0)
-    # the plain weight-norm recipe (one uniform L2 ratio, no reconstruction) at the same budget
-    ratio = compress._search_ratio(load_student(tiny["weights"]), "params", target)
+    # the plain weight-norm recipe (one uniform L2 ratio, no reconstruction) at the uniform allocation's
+    # ratio (which fits the budget before its fill gives atoms back)
+    assert comp["allocation"] == "uniform" and comp["restored"] >= 0
+    ratio = comp["ratio"]
     plain = tiny["root"] / "plain_l2"
     assert cli.main(_argv(tiny, plain, "--prune", str(ratio), "--steps", "0")) == 0
     plain_rep = _report(plain)
@@ -313,7 +315,7 @@ def test_official_rfdn_training_free_prune_beats_plain_l2(checkpoints, shared_da
     calib = compress.make_calibration(lr, 255.0, 0)
     model, info = compress.oneshot("prune", teacher, teacher, calib, 289_888, None)
     assert info["achieved"] <= 289_888
-    plain = compress._prune_at(teacher, compress._search_ratio(teacher, "params", 289_888))
+    plain = compress._prune_at(teacher, info["ratio"])          # the same uniform ratio, no fill, no reconstruction
     set5 = list(data.open_dataset(shared_data / "set5"))[:2]
     ours = inference.evaluate(model, set5, progress=False)["psnr_y"]
     base = inference.evaluate(plain, set5, progress=False)["psnr_y"]

@@ -48,8 +48,9 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                         "activation energy, or L2 norm (weight norms alone ruin the official RFDN: 20 dB)")
     _calibration_args(p)
     p.add_argument("--allocation", default="uniform", metavar="uniform|sensitivity",
-                   help="data-aware pruning: one ratio for every group, or per-group ratios from the calibration "
-                        "sensitivity (prune.budget; measured worse on RFDN)")
+                   help="data-aware pruning: one ratio for every group with the unused budget given back where "
+                        "the calibration error falls most, or per-group ratios from the calibration sensitivity "
+                        "(prune.prune_to_budget; measured worse on RFDN)")
     p.add_argument("--objective", default="psnr", metavar="psnr|runtime",
                    help="--method auto keeps the best held-out PSNR-Y, or with 'runtime' the fastest measured "
                         "student within --objective-tolerance dB of it")

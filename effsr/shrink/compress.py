@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune.budget import ALLOCATIONS  # how pruning spreads a budget: see prune.prune_to_budget(allocation=)
+
 from .config import CALIB_ROWS, TUCKER_REFINE
 
 __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out",
@@ -37,9 +39,6 @@ __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_p
 METHODS = ("prune", "tucker", "auto")
 IMPORTANCES = ("l2", "activation", "recon")
 OBJECTIVES = ("psnr", "runtime")
-#: How pruning spreads a budget over the groups: per-group ratios from the calibration sensitivity
-#: (:func:`prune.budget.prune_to_budget`) or one uniform ratio (bisection).
-ALLOCATIONS = ("sensitivity", "uniform")
 #: LR side of the calibration patches (images smaller than this are left out of the calibration).
 CALIB_PATCH = 32
 #: Tracing input of the pruning graph (ESA needs >= 16 px); recorded in the recipe.
@@ -196,18 +195,6 @@ def check_budget(student: nn.Module, method: str, target_params: int | None, tar
     return ok
 
 
-def _search_ratio(student: nn.Module, kind: str, target: float) -> float:
-    """Smallest uniform pruning ratio (bisection, L2 cuts: the counts depend on the ratio only) meeting ``target``."""
-    lo, hi = 0.0, MAX_PRUNE_RATIO
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if budget_of(_prune_at(student, mid), kind) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def _importance(name: str, calib: Any) -> Any:
     import prune
     from prune.importance import ReconstructionImportance
@@ -226,6 +213,7 @@ def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str,
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``student`` (a copy) to ``target`` with ``importance``, then reconstruct toward ``teacher``."""
     from prune import HISTORY_ATTR
+    from prune.budget import prune_to_budget
     from prune.reconstruct import reconstruct as recon
 
     t0 = time.perf_counter()
@@ -233,27 +221,17 @@ def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str,
     info: dict[str, Any] = {"method": "prune", "importance": importance}
     if allocation not in ALLOCATIONS:
         raise ValueError(f"--allocation: unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-    try:
-        from prune.budget import prune_to_budget
-    except ImportError:  # pragma: no cover - older prune: one uniform ratio
-        prune_to_budget = None
-    if prune_to_budget is not None and allocation == "sensitivity":  # per-group ratios allocated globally from the calibration sensitivity
-        example = torch.zeros(PRUNE_EXAMPLE_SHAPE, device=next(student.parameters()).device)
-        budget = {"target_params": int(target)} if kind == "params" else \
-            {"target_flops": int(target), "flops_fn": lambda m: int(budget_of(m, "flops"))}
-        pruned = prune_to_budget(student, example, calib, importance=imp, max_ratio=MAX_PRUNE_RATIO, **budget)
-        rep = getattr(pruned, "pruning_report", None)
-        info["allocation"] = "sensitivity"
-        if rep is not None and getattr(rep, "groups", None):
-            info["groups"] = [{"name": g.name, "channels": g.channels, "kept": g.kept} for g in rep.groups]
-    else:
-        ratio = _search_ratio(student, kind, target)
-        for _ in range(20):  # another importance may cut whole PixelShuffle atoms differently: re-check
-            pruned = _prune_at(student, ratio, imp)
-            if budget_of(pruned, kind) <= target or ratio >= MAX_PRUNE_RATIO:
-                break
-            ratio = min(MAX_PRUNE_RATIO, ratio + 0.005)
-        info.update({"allocation": "uniform", "ratio": round(ratio, 6)})
+    # "uniform": one ratio for every group, then the unused budget filled where the measured error falls
+    # most; "sensitivity": per-group ratios allocated globally from the calibration sensitivity
+    example = torch.zeros(PRUNE_EXAMPLE_SHAPE, device=next(student.parameters()).device)
+    budget = {"target_params": int(target)} if kind == "params" else \
+        {"target_flops": int(target), "flops_fn": lambda m: int(budget_of(m, "flops"))}
+    pruned = prune_to_budget(student, example, calib, importance=imp, max_ratio=MAX_PRUNE_RATIO,
+                             allocation=allocation, **budget)
+    rep = pruned.pruning_report
+    info.update({"allocation": rep.allocation, "ratio": None if rep.ratio is None else round(rep.ratio, 6),
+                 "restored": rep.restored, "rounds": rep.iterations,
+                 "groups": [{"name": g.name, "channels": g.channels, "kept": g.kept} for g in rep.groups]})
     info.update({"history": getattr(pruned, HISTORY_ATTR), "prune_seconds": round(time.perf_counter() - t0, 3)})
     if reconstruct:
         rep = recon(pruned, teacher, calib, progress=progress)
