@@ -30,6 +30,7 @@ from reparam.utils.validate import check_int
 from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
+from .optim import MAX_RELATIVE_STEP, capped_lrs, relative_lr_groups
 
 __all__ = ["train_steps", "TrainResult", "save_checkpoint", "load_checkpoint"]
 
@@ -48,6 +49,8 @@ class TrainResult:
     checkpoint: str | None = None
     interrupted: bool = False
     world_size: int = 1
+    #: weight tensors whose learning rate the default optimizer capped (name -> lr), see :mod:`distill.optim`
+    lr_capped: dict[str, float] = field(default_factory=dict)
 
     @property
     def steps_run(self) -> int:
@@ -162,6 +165,7 @@ def train_steps(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
     ctx: ddp_utils.DistContext | None = None,
+    max_relative_step: float | None = MAX_RELATIVE_STEP,
 ) -> TrainResult:
     """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
     until it has done ``steps`` optimizer steps in total (counting steps restored from ``checkpoint``).
@@ -169,7 +173,10 @@ def train_steps(
     Args:
         data: a map-style dataset (e.g. :class:`effsr.data.PatchDataset`) of ``(lr, hr)`` pairs in [0, 1]
             (sampled with a seeded RandomSampler, or a DistributedSampler under DDP) or a ready DataLoader.
-        optimizer_fn: ``params -> Optimizer``; default ``Adam(params, lr=lr)`` (the report's teams all use Adam).
+        optimizer_fn: ``params -> Optimizer``; default Adam (the report's teams all use it) at ``lr``, with the
+            learning rate of any weight tensor whose RMS is below ``lr / max_relative_step`` capped at
+            ``max_relative_step * RMS`` (:func:`distill.optim.relative_lr_groups`; ``None``: plain
+            ``Adam(params, lr=lr)``). The caps are in ``TrainResult.lr_capped``; ``optimizer_fn`` ignores them.
         scheduler_fn: ``optimizer -> scheduler``, stepped once per step.
         device: default: ``ctx.device`` (``cuda:LOCAL_RANK`` under torchrun with nccl, else CPU).
         ctx: a :class:`distill.ddp.DistContext`; default :func:`distill.ddp.init_from_env` (joins torchrun's group).
@@ -208,10 +215,15 @@ def train_steps(
             f"data must be a map-style dataset (__len__, __getitem__) or a DataLoader, got {type(data).__name__}"
         )
 
-    params = [p for p in module.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("module has no parameters that require grad")
-    optimizer = optimizer_fn(params) if optimizer_fn is not None else torch.optim.Adam(params, lr=lr)
+    caps = capped_lrs(named, lr, max_relative_step)  # validates max_relative_step whatever the optimizer
+    if optimizer_fn is not None:
+        optimizer, caps = optimizer_fn(params), {}
+    else:
+        optimizer = torch.optim.Adam(relative_lr_groups(named, lr, max_relative_step), lr=lr)
     scheduler = scheduler_fn(optimizer) if scheduler_fn is not None else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
@@ -223,7 +235,7 @@ def train_steps(
     model.train()
 
     result = TrainResult(step=start, start_step=start, seconds=0.0, history=history, world_size=ctx.world_size,
-                         checkpoint=str(ckpt) if ckpt is not None else None)
+                         checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps)
 
     def save() -> None:
         if ckpt is not None and ctx.is_main:

@@ -1,6 +1,7 @@
 """Distillation fine-tuning of a student by the run's teacher (after repify, each pruning round, Tucker)."""
 from __future__ import annotations
 
+from distill.optim import MAX_RELATIVE_STEP
 from distill.ranges import input_range as model_input_range
 
 import os
@@ -86,6 +87,11 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     hist = res.history
     info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names,
             "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
+    if res.lr_capped:
+        info["lr_capped"] = dict(res.lr_capped)
+        low = min(res.lr_capped, key=res.lr_capped.__getitem__)
+        state.log(f"{label}: learning rate capped at {MAX_RELATIVE_STEP:.0%} of the weights' RMS per step for "
+                  f"{len(res.lr_capped)} small-weight tensor(s) (smallest: {low}, lr {res.lr_capped[low]:.2g})")
     resumed = f" (resumed at step {res.start_step})" if res.start_step else ""
     state.log(f"{label}: {res.step} distillation steps{resumed}, loss {info['loss_first']} -> {info['loss_last']} "
               f"({res.seconds:.1f} s)")
