@@ -21,7 +21,7 @@ from torch import nn
 
 from reparam.utils.validate import is_number
 
-__all__ = ["MAX_RELATIVE_STEP", "relative_lr_groups", "capped_lrs"]
+__all__ = ["MAX_RELATIVE_STEP", "relative_lr_groups", "capped_lrs", "lr_groups"]
 
 #: Default cap: no weight tensor's learning rate exceeds 1 % of its RMS per step.
 MAX_RELATIVE_STEP = 1e-2
@@ -54,18 +54,25 @@ def capped_lrs(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
     return out
 
 
-def relative_lr_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
-                       max_relative_step: float | None = MAX_RELATIVE_STEP) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: one group at ``lr`` with every parameter that needs no cap, then one group
-    per capped weight tensor at its :func:`capped_lrs` learning rate (``group["name"]`` names it). With
-    nothing capped this is exactly ``[{"params": all, "lr": lr}]``, the plain optimizer.
-
-    ``ValueError`` naming ``lr`` / ``max_relative_step`` for a value that is not a finite number > 0
-    (``max_relative_step=None`` turns the cap off).
-    """
-    named = [(n, p) for n, p in named_params]
-    caps = capped_lrs(named, lr, max_relative_step)
+def lr_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
+              caps: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for ``caps`` (from :func:`capped_lrs`): one group at ``lr`` with every
+    parameter not in ``caps``, then one group per capped weight tensor at its learning rate
+    (``group["name"]`` names it). With nothing capped this is exactly ``[{"params": all, "lr": lr}]``."""
+    named = list(named_params)
     plain = [p for n, p in named if n not in caps]
     groups: list[dict[str, Any]] = [{"params": plain, "lr": lr}] if plain else []
     groups += [{"params": [p], "lr": caps[n], "name": n} for n, p in named if n in caps]
     return groups
+
+
+def relative_lr_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
+                       max_relative_step: float | None = MAX_RELATIVE_STEP) -> list[dict[str, Any]]:
+    """:func:`lr_groups` of :func:`capped_lrs`: the plain optimizer's single group, with each weight tensor
+    whose RMS is below ``lr / max_relative_step`` moved to a group of its own at ``max_relative_step * RMS``.
+
+    ``ValueError`` naming ``lr`` / ``max_relative_step`` for a value that is not a finite number > 0
+    (``max_relative_step=None`` turns the cap off).
+    """
+    named = list(named_params)
+    return lr_groups(named, lr, capped_lrs(named, lr, max_relative_step))

@@ -30,7 +30,7 @@ from reparam.utils.validate import check_int
 from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
-from .optim import MAX_RELATIVE_STEP, capped_lrs, relative_lr_groups
+from .optim import MAX_RELATIVE_STEP, capped_lrs, lr_groups
 
 __all__ = ["train_steps", "TrainResult", "save_checkpoint", "load_checkpoint"]
 
@@ -219,11 +219,12 @@ def train_steps(
     params = [p for _, p in named]
     if not params:
         raise ValueError("module has no parameters that require grad")
-    caps = capped_lrs(named, lr, max_relative_step)  # validates max_relative_step whatever the optimizer
+    # max_relative_step is validated whatever the optimizer; the RMS is measured only for the default one
+    caps = capped_lrs(named if optimizer_fn is None else (), lr, max_relative_step)
     if optimizer_fn is not None:
-        optimizer, caps = optimizer_fn(params), {}
+        optimizer = optimizer_fn(params)
     else:
-        optimizer = torch.optim.Adam(relative_lr_groups(named, lr, max_relative_step), lr=lr)
+        optimizer = torch.optim.Adam(lr_groups(named, lr, caps), lr=lr)
     scheduler = scheduler_fn(optimizer) if scheduler_fn is not None else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
