@@ -3,7 +3,9 @@
 :func:`prune_to_budget` ranks the channels of every prunable group with an importance (L2, activation
 or reconstruction error), measures each group's *sensitivity* -- the relative output error of the
 network on calibration inputs when the lowest-ranked fraction ``rho`` of that group alone is removed
-(simulated exactly by zeroing the removed channels at every consumer, so no copy is built) for a grid
+(simulated exactly at every consumer, so no copy is built: each dense consumer refit on its kept inputs
+in closed form, the fit reconstruction will do, or its inputs zeroed with their mean folded into the
+bias; see ``refit``) for a grid
 of ``rho`` -- and then removes channels greedily where the error per saved parameter (or FLOP) is
 lowest, until the budget is met. The result is pruned for real and counted; while it is above the
 budget the allocation is repeated with the shortfall added, so the returned model meets the budget
@@ -29,7 +31,7 @@ from torch import nn
 from reparam.utils.flops import MacConvention, profile_macs
 from reparam import RepBlock
 
-from .calibration import Calibration
+from .calibration import Calibration, ConvStats, conv_kernel, write_conv_kernel
 from .core import (HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels, ignored_as_names, resolve_ignored,
                    scored_groups)
 from .graph import build_graph, channel_atoms
@@ -79,6 +81,7 @@ class BudgetReport:
     allocation: str = "sensitivity"
     ratio: float | None = None          #: the uniform fraction (``allocation="uniform"``)
     restored: int = 0                   #: atoms given back by the uniform allocation's fill
+    refit: bool = False                 #: errors measured with the consumers refit (``refit``)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,6 +94,7 @@ class BudgetReport:
                  + (f", FLOPs {self.flops_before:,} -> {self.flops:,} (target {self.target_flops})"
                     if self.flops is not None else "") + f"; {self.iterations} allocation rounds, "
                  f"{self.seconds:.1f} s; importance {self.importance}; allocation {self.allocation}"
+                 + (" (refit errors)" if self.refit else "")
                  + (f" (ratio {self.ratio:.4f}, {self.restored} atom(s) restored)" if self.ratio is not None else "")]
         for g in self.groups:
             lines.append(f"  {g.name:<28} keeps {g.kept:>4}/{g.channels:<4} ({g.ratio:.0%} removed)")
@@ -164,31 +168,43 @@ class _Group:
         return ys[-1]
 
 
+@dataclass
+class _Fix:
+    """How a consumer is patched when some of its inputs are removed: refit on the unpruned network's
+    statistics (``stats``, dense conv units), else the bias compensation of :func:`prune.reconstruct`
+    (``means``, biased dense convs), else the inputs are only zeroed."""
+
+    means: dict[int, torch.Tensor] | None = None
+    stats: dict[int, ConvStats] | None = None
+    ridge: float = 1e-3
+
+
 @torch.no_grad()
 def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor],
-                  ref: list[torch.Tensor], means: dict[int, torch.Tensor] | None = None) -> float:
-    """Relative output error with the first ``k`` channels of ``g`` removed (zeroed at its consumers),
-    with the closed-form bias compensation of :func:`prune.reconstruct` when ``means`` (im2col input
-    means per consumer) are given."""
+                  ref: list[torch.Tensor], fix: _Fix | None = None) -> float:
+    """Relative output error with the first ``k`` channels of ``g`` removed at every consumer, each
+    consumer patched as ``fix`` says (refit on its kept inputs, or bias compensation, or zeroed)."""
     gone = set(g.order[:k])
-    saved: list[tuple[nn.Module, Any]] = []
-    biases: list[tuple[nn.Module, torch.Tensor]] = []
+    fix = fix or _Fix()
+    saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
     try:
         for layer, idxs, roots in g.consumers:
             cols = [i for i, r in zip(idxs, roots) if r in gone]
             if not cols:
                 continue
-            if isinstance(layer, RepBlock):
+            saved.append((layer, {n: t.detach().clone() for n, t in layer.state_dict().items()}))
+            st = None if fix.stats is None else fix.stats.get(id(layer))
+            if st is not None:
+                w, b = conv_kernel(layer)
+                write_conv_kernel(layer, *st.refit_without(w, b, cols, fix.ridge))
+            elif isinstance(layer, RepBlock):
                 w, b = layer.fused_kernel()
-                saved.append((layer, copy.deepcopy(layer.state_dict())))
                 w = w.detach().clone()
                 w[:, cols] = 0
                 layer.load_kernel(w, b.detach() if b is not None else None)
             else:
-                saved.append((layer, layer.weight.detach().clone()))
-                mu = None if means is None else means.get(id(layer))
+                mu = None if fix.means is None else fix.means.get(id(layer))
                 if mu is not None and layer.bias is not None and isinstance(layer, nn.Conv2d) and layer.groups == 1:
-                    biases.append((layer, layer.bias.detach().clone()))
                     w = layer.weight[:, cols].to(torch.float64).flatten(2)          # [O, R, k*k]
                     mu_r = mu[0].view(layer.in_channels, -1)[cols].to(w.device)
                     layer.bias += (w * mu_r.unsqueeze(0)).sum((1, 2)).to(layer.bias)
@@ -203,13 +219,8 @@ def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor
             den += float(y.double().pow(2).sum())
         return num / max(den, 1e-300)
     finally:
-        for layer, b in biases:
-            layer.bias.copy_(b)
-        for layer, s in reversed(saved):
-            if isinstance(layer, RepBlock):
-                layer.load_state_dict(s)
-            else:
-                layer.weight.copy_(s)
+        for layer, state in reversed(saved):
+            layer.load_state_dict(state)
 
 
 def _per_channel_cost(dg: Any, group: Any, shapes: dict[int, tuple[int, int]]) -> tuple[float, float]:
@@ -279,6 +290,7 @@ def prune_to_budget(
     sensitivity_batches: int = 1,
     max_rounds: int = 24,
     bias_compensation: bool = True,
+    refit: bool | None = None,
     allocation: str = "sensitivity",
     progress: bool = False,
 ) -> nn.Module:
@@ -301,6 +313,14 @@ def prune_to_budget(
         bias_compensation: measure each sensitivity with the removed channels' mean contribution
             folded into the consumers' biases (as :func:`prune.reconstruct` does), a closer proxy for
             the error left after reconstruction.
+        refit: measure each error with every dense consumer (``nn.Conv2d`` or ``RepBlock``, groups 1)
+            refit on its kept inputs in closed form (:meth:`ConvStats.refit_without` on the unpruned
+            network's statistics of the sensitivity batches: the one-layer fit :func:`prune.reconstruct`
+            then does toward the teacher, bias included); False: zeroed inputs (with
+            ``bias_compensation``). None (default): True for ``allocation="sensitivity"``, False for
+            ``"uniform"`` -- measured on the official RFDN through ``effsr shrink --steps 0``: the refit
+            error lifts the sensitivity allocation from 30.71 to 31.31 dB Set5 at 289,888 params, while
+            the uniform fill gained 0.02 dB at 67 % of the params and lost 0.17 dB at 50 %.
         allocation: ``"sensitivity"`` (per-group counts from the measured curves, greedy on error per
             saved parameter/FLOP) or ``"uniform"`` (the smallest uniform fraction that fits on the real
             counts, then the unused budget given back atom by atom where the measured error falls most
@@ -328,8 +348,14 @@ def prune_to_budget(
     grid = sorted(float(r) for r in grid)
     if not grid or grid[0] <= 0 or grid[-1] >= 1:
         raise ValueError(f"grid must be fractions in (0, 1), got {grid!r}")
+    if not isinstance(bias_compensation, bool):
+        raise TypeError(f"bias_compensation must be a bool, got {type(bias_compensation).__name__}")
+    if refit is not None and not isinstance(refit, bool):
+        raise TypeError(f"refit must be None or a bool, got {type(refit).__name__}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if refit is None:
+        refit = allocation == "sensitivity"
     if importance is None:
         importance = L2FilterImportance()
     count_flops = flops_fn or (lambda m: mac_count(m, flops_input_size))
@@ -349,7 +375,7 @@ def prune_to_budget(
     dg = build_graph(work, example)
     shapes = _output_pixels(work, flops_input_size)
     report = BudgetReport(target_params, target_flops, params0, params0, flops0, flops0,
-                          type(importance).__name__, allocation=allocation)
+                          type(importance).__name__, allocation=allocation, refit=refit)
     groups: list[_Group] = []
     for name, group, imp in scored_groups(dg, importance, ignored, report.locked):
         pp, pf = _per_channel_cost(dg, group, shapes)
@@ -361,14 +387,15 @@ def prune_to_budget(
     inputs = [x.to(device=p.device, dtype=p.dtype) for x in calibration.batches[:max(1, int(sensitivity_batches))]]
     with torch.no_grad():
         ref = [work(x) for x in inputs]
-    means = _consumer_means(work, groups, inputs) if bias_compensation else None
+    fix = _Fix(means=_consumer_means(work, groups, inputs) if bias_compensation and not refit else None,
+               stats=_consumer_stats(work, groups, inputs, calibration) if refit else None)
     budget = _Budget(model, example, groups, names, target_params, target_flops, count_flops)
     if allocation == "uniform":
-        best = _uniform_fill(budget, work, inputs, ref, means, max_ratio, max_rounds, report)
+        best = _uniform_fill(budget, work, inputs, ref, fix, max_ratio, max_rounds, report)
     else:
         for g in groups:
             g.grid = list(grid)
-            g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref, means) for r in grid]
+            g.curve = [_masked_error(work, g, max(1, round(r * g.n)), inputs, ref, fix) for r in grid]
         best = _sensitivity_rounds(budget, params0, flops0, max_ratio, max_rounds, report)
     if best is None:
         what = "target_params" if target_params is not None else "target_flops"
@@ -383,6 +410,19 @@ def prune_to_budget(
     if progress:
         print(report.summary())
     return pruned
+
+
+def _consumer_stats(work: nn.Module, groups: list[_Group], inputs: list[torch.Tensor],
+                    calibration: Calibration) -> dict[int, ConvStats]:
+    """Statistics of every dense consumer conv unit of ``groups`` on ``inputs`` (for the local refit)."""
+    names_of = {id(m): n for n, m in work.named_modules()}
+    units = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
+             if isinstance(c, (nn.Conv2d, RepBlock)) and c.groups == 1}
+    if not units:
+        return {}
+    calib = Calibration(inputs, rows_per_batch=calibration.rows_per_batch, seed=calibration.seed)
+    got = calib.collect(work, list(dict.fromkeys(units.values())))
+    return {i: got[n] for i, n in units.items()}
 
 
 def _consumer_means(work: nn.Module, groups: list[_Group], inputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -451,7 +491,7 @@ def _uniform_removal(groups: list[_Group], ratio: float, max_ratio: float) -> li
 
 
 def _uniform_fill(budget: _Budget, work: nn.Module, inputs: list[torch.Tensor], ref: list[torch.Tensor],
-                  means: dict[int, torch.Tensor] | None, max_ratio: float, max_rounds: int,
+                  fix: _Fix, max_ratio: float, max_rounds: int,
                   report: BudgetReport) -> tuple[nn.Module, list[int], int, int | None] | None:
     """The smallest uniform ratio whose real counts fit, then atoms given back where they help most."""
     groups, tp, tf = budget.groups, budget.target_params, budget.target_flops
@@ -465,6 +505,7 @@ def _uniform_fill(budget: _Budget, work: nn.Module, inputs: list[torch.Tensor], 
     best = budget.apply(ladder[-1][1])
     if not budget.fits(best[2], best[3]):
         return None
+
     lo, hi = 0, len(ladder) - 1           # ladder[lo] does not fit (nothing removed), ladder[hi] fits
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -483,7 +524,7 @@ def _uniform_fill(budget: _Budget, work: nn.Module, inputs: list[torch.Tensor], 
         if k <= 0:
             return 0.0
         if (i, k) not in err:
-            err[(i, k)] = _masked_error(work, groups[i], k, inputs, ref, means)
+            err[(i, k)] = _masked_error(work, groups[i], k, inputs, ref, fix)
         return err[(i, k)]
 
     p0, f0 = float(report.params_before), float(report.flops_before or 1)

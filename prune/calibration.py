@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reparam import RepBlock
 from reparam.utils.modules import eval_mode
 
-__all__ = ["im2col", "conv_geometry", "ConvGeometry", "ConvStats", "Calibration", "DEFAULT_SAMPLES"]
+__all__ = ["im2col", "conv_geometry", "ConvGeometry", "ConvStats", "Calibration", "DEFAULT_SAMPLES",
+           "conv_kernel", "conv_has_bias", "write_conv_kernel"]
 
 #: Default number of calibration samples (patches).
 DEFAULT_SAMPLES = 64
@@ -103,6 +105,36 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
     if mode not in _PAD_MODES:
         raise ValueError(f"conv: unknown padding_mode {mode!r}")
     return ConvGeometry(int(conv.in_channels), int(conv.out_channels), k, s, pad, d, int(conv.groups), mode)
+
+
+# ------------------------------------------------------------------------------ kernels of conv units
+def conv_kernel(m: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias or None)`` of a conv unit, detached: an ``nn.Conv2d``'s own, or a ``RepBlock``'s
+    fused kernel (its bias only when the fused conv has one)."""
+    if isinstance(m, RepBlock):
+        with torch.no_grad():
+            w, b = m.fused_kernel()
+        return w.detach(), (b.detach() if b is not None and m.fused_has_bias else None)
+    return m.weight.detach(), (m.bias.detach() if m.bias is not None else None)
+
+
+def conv_has_bias(m: nn.Module) -> bool:
+    """Whether the conv unit (``nn.Conv2d`` or fused ``RepBlock``) has a bias."""
+    return bool(m.fused_has_bias) if isinstance(m, RepBlock) else m.bias is not None
+
+
+@torch.no_grad()
+def write_conv_kernel(m: nn.Module, w: Tensor, b: Tensor | None) -> None:
+    """Write ``(w, b)`` into a conv unit in place (a ``RepBlock`` through ``load_kernel``), in its dtype."""
+    ref = conv_kernel(m)[0]
+    w = w.to(device=ref.device, dtype=ref.dtype)
+    b = None if b is None else b.to(device=ref.device, dtype=ref.dtype)
+    if isinstance(m, RepBlock):
+        m.load_kernel(w, b)
+    else:
+        m.weight.copy_(w)
+        if m.bias is not None and b is not None:
+            m.bias.copy_(b)
 
 
 def im2col(x: Tensor, conv: nn.Module | ConvGeometry) -> Tensor:
@@ -285,6 +317,48 @@ class ConvStats:
         b = sol[:, -1].reshape(o) if bias else None
         return w, b
 
+
+    def refit_without(self, weight: Tensor, bias: Tensor | None, channels: Sequence[int],
+                      ridge: float = 1e-3) -> tuple[Tensor, Tensor | None]:
+        """The conv that best keeps its *own* output ``X W^T + b`` (on these rows) once its input
+        ``channels`` are removed: ``W_K + Sigma_KK^-1 Sigma_KR W_R`` on the kept im2col features ``K``
+        (the constant-1 column included when ``bias`` is given, so the removed channels' mean is folded
+        into the bias), with a scale-free ``ridge`` on ``Sigma_KK`` as in :meth:`solve`. Needs no
+        target: it is the closed-form local refit the teacher's statistics allow before any student
+        exists. Dense convs only (``groups == 1``).
+
+        Returns float64 ``(weight, bias)`` with the removed channels' columns zero.
+        """
+        self._check_rows()
+        if self.groups != 1:
+            raise ValueError(f"refit_without: dense convs only (this one has groups={self.groups})")
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
+        _, c_in, kh, kw = self.weight_shape
+        gone = sorted({int(c) for c in channels})
+        if any(c < 0 or c >= c_in for c in gone):
+            raise ValueError(f"channels: input channels must be in [0, {c_in}), got {gone}")
+        wt = self._stack(weight, bias)[0]                                # [D+1, O]
+        if not gone:
+            return weight.detach().to(torch.float64).clone(), None if bias is None else wt[-1].clone()
+        t = kh * kw
+        removed = torch.zeros(self.features + 1, dtype=torch.bool, device=wt.device)
+        for c in gone:
+            removed[c * t:(c + 1) * t] = True
+        keep = ~removed
+        if bias is None:
+            keep[-1] = False
+        a = self.xtx[0][keep][:, keep].clone()
+        n_k = int(keep[:-1].sum())
+        if n_k:
+            lam = float(ridge) * float(a.diagonal()[:n_k].sum()) / n_k
+            a.diagonal()[:n_k] += lam if lam > 0 else 0.0
+        new = torch.zeros_like(wt)
+        if bool(keep.any()):
+            rhs = self.xtx[0][keep][:, removed] @ wt[removed]
+            new[keep] = wt[keep] + _spd_solve(a.unsqueeze(0), rhs.unsqueeze(0))[0]
+        w = new[:-1].transpose(0, 1).reshape(self.weight_shape)
+        return w, None if bias is None else new[-1]
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
     """Solve ``a x = b`` for symmetric positive (semi-)definite ``a`` (Cholesky; least squares fallback)."""

@@ -29,7 +29,7 @@ from reparam.utils.progress import progress as progress_bar
 
 from reparam import RepBlock
 
-from .calibration import Calibration, ConvStats, conv_geometry
+from .calibration import Calibration, ConvStats, conv_geometry, conv_has_bias, conv_kernel, write_conv_kernel
 from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR
 from .graph import build_graph
 
@@ -136,31 +136,6 @@ def kept_channels(teacher: nn.Module, history: Sequence[Sequence[Any]], example_
     return keep
 
 
-def _kernel(m: nn.Module) -> tuple[Tensor, Tensor | None]:
-    if isinstance(m, RepBlock):
-        with torch.no_grad():
-            w, b = m.fused_kernel()
-        return w.detach(), (b.detach() if b is not None and m.fused_has_bias else None)
-    return m.weight.detach(), (m.bias.detach() if m.bias is not None else None)
-
-
-def _has_bias(m: nn.Module) -> bool:
-    return bool(m.fused_has_bias) if isinstance(m, RepBlock) else m.bias is not None
-
-
-@torch.no_grad()
-def _write(m: nn.Module, w: Tensor, b: Tensor | None) -> None:
-    ref = _kernel(m)[0]
-    w = w.to(device=ref.device, dtype=ref.dtype)
-    b = None if b is None else b.to(device=ref.device, dtype=ref.dtype)
-    if isinstance(m, RepBlock):
-        m.load_kernel(w, b)
-    else:
-        m.weight.copy_(w)
-        if m.bias is not None and b is not None:
-            m.bias.copy_(b)
-
-
 def _check_ridge(ridge: Any) -> float:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
@@ -257,19 +232,19 @@ def reconstruct(
     report = ReconstructionReport(ridge=ridge)
     # -------- bias compensation (closed form, from the teacher's input means)
     if bias_compensation and in_pruned:
-        comp = [n for n in in_pruned if conv_geometry(t_units[n]).groups == 1 and _has_bias(s_units[n])]
+        comp = [n for n in in_pruned if conv_geometry(t_units[n]).groups == 1 and conv_has_bias(s_units[n])]
         if comp:
             means = calibration.input_means(teacher, comp)
             for n in comp:
-                tw, _ = _kernel(t_units[n])
+                tw, _ = conv_kernel(t_units[n])
                 ok, ik = keep[n]
                 removed = sorted(set(range(t_units[n].in_channels)) - set(ik))
                 k = tw.shape[2] * tw.shape[3]
                 mu = means[n][0].view(-1, k)                              # [C_in, k*k]
                 w_rm = tw[ok][:, removed].to(torch.float64).flatten(2)    # [O, R, k*k]
                 delta = (w_rm * mu[removed].unsqueeze(0)).sum((1, 2))
-                w, b = _kernel(s_units[n])
-                _write(s_units[n], w, b + delta.to(b))
+                w, b = conv_kernel(s_units[n])
+                write_conv_kernel(s_units[n], w, b + delta.to(b))
                 report.compensated.append(n)
 
     # -------- forward-order solves, block by block, several convs reading the same tensor per pass
@@ -314,14 +289,14 @@ def reconstruct(
 def _solve_one(n: str, m: nn.Module, t: nn.Module, st: ConvStats, keep: tuple[list[int], list[int]],
                ridge: float, dt: float) -> LayerFit:
     ts = time.perf_counter()
-    w0, b0 = _kernel(m)
-    has_b = _has_bias(m)
+    w0, b0 = conv_kernel(m)
+    has_b = conv_has_bias(m)
     before = st.relative_error(w0, b0)
     w, b = st.solve(ridge, prior=(w0, b0), bias=has_b)
     after = st.relative_error(w, b)
     solved = after <= before
     if solved:
-        _write(m, w, b)
+        write_conv_kernel(m, w, b)
     else:          # numerically worse (ill-conditioned statistics): keep the prior
         after = before
     return LayerFit(n, st.count, len(keep[1]), t.in_channels, len(keep[0]), t.out_channels, before, after,

@@ -99,6 +99,58 @@ def test_stats_error_equals_the_direct_residual_and_solve_recovers_the_conv():
     assert cov.shape == (2, 2, 2) and torch.allclose(cov, cov.transpose(1, 2))
 
 
+@settings(max_examples=30, deadline=None)
+@given(cin=st.integers(2, 6), cout=st.integers(1, 4), k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2),
+       dil=st.integers(1, 2), bias=st.booleans(), data=st.data(), seed=st.integers(0, 2**16))
+def test_refit_without_is_the_least_squares_fit_on_the_kept_inputs(cin, cout, k, stride, dil, bias, data, seed):
+    """The local refit of a conv that loses input channels: exactly the least-squares fit of the conv's own
+    output on the kept im2col columns (and the constant, with a bias), computed here directly by lstsq."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, padding=dil * (k // 2), dilation=dil, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        if bias:
+            conv.bias.copy_(torch.randn(cout, generator=g, dtype=torch.float64))
+    x = torch.rand(4, cin, 9, 9, generator=g, dtype=torch.float64) + 0.5     # non-zero means
+    stats = Calibration(x, batch_size=2).collect(nn.Sequential(conv), ["0"])["0"]
+    b0 = conv.bias if bias else None
+    w_same, b_same = stats.refit_without(conv.weight, b0, [])
+    assert torch.equal(w_same, conv.weight.detach()) and (b_same is None) == (not bias)
+    if bias:
+        assert torch.equal(b_same, conv.bias.detach())
+    gone = data.draw(st.lists(st.integers(0, cin - 1), min_size=1, max_size=cin - 1, unique=True), label="gone")
+    w, b = stats.refit_without(conv.weight, b0, gone, ridge=0.0)
+    assert w.dtype == torch.float64 and bool((w[:, gone] == 0).all()) and (b is None) == (not bias)
+    # direct: lstsq of the conv's output rows on the kept im2col columns
+    cols = im2col(x, conv)[0]                                               # [N, C*k*k], channel-major
+    with torch.no_grad():
+        y = conv(x).permute(0, 2, 3, 1).reshape(-1, cout)
+    kept = [c for c in range(cin) if c not in gone]
+    idx = torch.tensor([c * k * k + t for c in kept for t in range(k * k)])
+    design = cols[:, idx]
+    if bias:
+        design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, y).solution                            # [|K| (+1), O]
+    want = torch.zeros_like(conv.weight)
+    want[:, kept] = sol[:len(idx)].T.reshape(cout, len(kept), k, k)
+    scale = float(conv.weight.abs().max())
+    assert float((w - want).abs().max()) <= 1e-8 * scale
+    if bias:
+        assert float((b - sol[-1]).abs().max()) <= 1e-8 * scale
+    # never worse than zeroing the removed inputs, even with their mean folded into the bias
+    zeroed = conv.weight.detach().clone()
+    zeroed[:, gone] = 0
+    comp = None
+    if bias:
+        mu = stats.mean()[0].view(cin, -1)[gone]
+        comp = conv.bias.detach() + (conv.weight.detach()[:, gone].flatten(2) * mu).sum((1, 2))
+    assert stats.error(w, b) <= stats.error(zeroed, comp) * (1 + 1e-9) + 1e-12
+    with pytest.raises(ValueError, match="channels"):
+        stats.refit_without(conv.weight, b0, [cin])
+    with pytest.raises(ValueError, match="ridge"):
+        stats.refit_without(conv.weight, b0, gone, ridge=-1.0)
+
+
 def test_ridge_toward_a_prior_shrinks_to_it():
     torch.manual_seed(4)
     conv = nn.Conv2d(3, 2, 3, padding=1).double()
@@ -305,6 +357,30 @@ def test_uniform_allocation_restores_atoms_on_a_budget_between_two_ratios():
     assert "allocation uniform" in rep.summary() and "restored" in rep.summary()
 
 
+def test_refit_sensitivity_measures_the_error_left_by_the_local_refit():
+    """``refit=True`` measures each error with the consumers refit on their kept inputs. The ``mid`` group's
+    only consumer is the (linear) output conv, so there the refit is the least-squares optimum of the very
+    error measured: never above the bias-compensated zeroing of ``refit=False``, and below it somewhere."""
+    net = _net()
+    calib = _calib()
+    x = calib.batches[0][:1]
+    p0 = sum(p.numel() for p in net.parameters())
+    curves = {}
+    for refit in (True, False):
+        small = prune.prune_to_budget(net, x, calib, target_params=int(0.6 * p0), allocation="sensitivity",
+                                      refit=refit)
+        assert sum(p.numel() for p in small.parameters()) <= int(0.6 * p0)
+        curves[refit] = {g.name: np.array(g.sensitivity) for g in small.pruning_report.groups}
+    on, off = curves[True]["mid"], curves[False]["mid"]
+    assert np.all(on <= off * (1 + 1e-9) + 1e-15) and np.any(on < 0.5 * off)
+    # the default: refit errors for the sensitivity allocation, bias-compensated ones for the uniform fill
+    default = prune.prune_to_budget(net, x, calib, target_params=int(0.6 * p0), allocation="sensitivity")
+    assert default.pruning_report.refit and "refit errors" in default.pruning_report.summary()
+    assert [g.sensitivity for g in default.pruning_report.groups if g.name == "mid"][0] == list(on)
+    uniform = prune.prune_to_budget(net, x, calib, target_params=int(0.6 * p0), allocation="uniform")
+    assert not uniform.pruning_report.refit
+
+
 def _save(m: nn.Module):
     import tempfile
     from pathlib import Path
@@ -344,6 +420,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         prune.prune_to_budget(net, x, calib, target_params=p0 // 2, allocation="greedy")
     with pytest.raises(ValueError, match="target_params"):
         prune.prune_to_budget(net, x, calib, target_params=10, allocation="uniform")
+    with pytest.raises(TypeError, match="refit"):
+        prune.prune_to_budget(net, x, calib, target_params=p0 // 2, refit="yes")
+    with pytest.raises(TypeError, match="bias_compensation"):
+        prune.prune_to_budget(net, x, calib, target_params=p0 // 2, bias_compensation=1)
     small = prune.l2_filter_prune(net, x, ratio=0.3, progress=False)
     with pytest.raises(ValueError, match="ridge"):
         prune.reconstruct(small, net, calib, ridge=-1.0, progress=False)
