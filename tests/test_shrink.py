@@ -161,6 +161,7 @@ def test_resume_after_interruption_gives_identical_weights(full_run, tiny, monke
     (("--prune-steps", "0"), "--prune-steps"),
     (("--patch-size", "8"), "--patch-size"),
     (("--model-config", "[1, 2]"), "--model-config"),
+    (("--lr-schedule", "linear"), "--lr-schedule"),
 ])
 def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys, change, expected):
     out = tmp_path / "never"
@@ -190,6 +191,59 @@ def test_config_validate_names_the_argument(tmp_path):
         ShrinkConfig(**{**base, "eval_data": []}).validate(check_files=False)
     with pytest.raises(ValueError, match="--device"):
         ShrinkConfig(**base, device="tpu:9").validate(check_files=False)
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        ShrinkConfig(**base, lr_schedule="linear").validate(check_files=False)
+
+
+def test_cosine_lr_schedule_decays_every_group_and_resumes_bit_exactly(tmp_path):
+    """``--lr-schedule cosine``: every parameter group (a capped small-weight group too) goes from its own lr
+    down to COSINE_FLOOR times it over the fine-tune's steps; interrupted and resumed, the run ends with
+    the weights of an uninterrupted one (the scheduler's state is checkpointed)."""
+    import distill
+    from effsr.shrink.config import COSINE_FLOOR
+    from effsr.shrink.finetune import lr_scheduler
+
+    assert lr_scheduler("constant", 10) is None
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        lr_scheduler("step", 10)
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.SGD([{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 3e-7}])
+    sched = lr_scheduler("cosine", 8)(opt)
+    seen = []
+    for _ in range(8):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    seen.append([g["lr"] for g in opt.param_groups])
+    lrs = np.array(seen)
+    assert lrs[0] == pytest.approx([1e-4, 3e-7]) and lrs[-1] == pytest.approx([1e-4 * COSINE_FLOOR, 3e-7 * COSINE_FLOOR])
+    assert np.all(np.diff(lrs, axis=0) < 0) and np.allclose(lrs[:, 1] / lrs[:, 0], 3e-3)
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8, generator=g), torch.rand(8, 3, 8, 8, generator=g))
+
+    def run(ckpt, stop=None):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def hook(step):
+            if step == stop:
+                raise KeyboardInterrupt
+        distill.train_steps(distill.Supervised(net), ds, steps=6, lr=1e-2, batch_size=2, checkpoint=ckpt,
+                            checkpoint_every=100, seed=1, progress=False, on_step=hook,
+                            scheduler_fn=lr_scheduler("cosine", 6))
+        return net
+
+    ref = run(tmp_path / "ref.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", stop=3)
+    resumed = run(tmp_path / "cut.pt")
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))
+    # and the schedule matters: a constant lr ends elsewhere
+    torch.manual_seed(0)
+    const = torch.nn.Conv2d(3, 3, 3, padding=1)
+    distill.train_steps(distill.Supervised(const), ds, steps=6, lr=1e-2, batch_size=2, seed=1, progress=False)
+    assert not torch.equal(const.weight, ref.weight)
 
 
 # ------------------------------------------------------------------------------------------ units

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from effsr.cli_core import CLIError, command, error_line, model_help
 
-from .config import CALIB_ROWS, TUCKER_REFINE
+from .config import CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, TUCKER_REFINE
 
 __all__: list[str] = []
 
@@ -62,6 +62,9 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                         "says how many and which; 'auto' = the smallest LR side of the training images, at "
                         "most 48, uses every image but trained RFDN to below bicubic on T91 (19 px))")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (Adam, default 1e-4)")
+    p.add_argument("--lr-schedule", default="constant", metavar="|".join(LR_SCHEDULES),
+                   help="learning-rate schedule of each distillation fine-tune: constant, or cosine down to "
+                        f"{COSINE_FLOOR:g} x --lr over its steps (default: constant)")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto, cuda if available)")
@@ -135,7 +138,8 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         model=args.model, weights=args.weights, train_data=args.train_data, eval_data=list(args.eval_data),
         out=args.out or f"runs/shrink_{args.model}", prune=args.prune, prune_steps=args.prune_steps,
         tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
-        patch_size=args.patch_size, lr=args.lr, feature_weight=args.feature_weight, device=args.device,
+        patch_size=args.patch_size, lr=args.lr, lr_schedule=args.lr_schedule, feature_weight=args.feature_weight,
+        device=args.device,
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,

@@ -17,7 +17,12 @@ CALIB_ROWS = 2048
 #: Alternating refinement rounds of each data-aware Tucker fit (RFDN at -33 %: +0.07 dB Set5 for 1.3x the time).
 TUCKER_REFINE = 2
 
-__all__ = ["ShrinkConfig", "find_peers_dir", "PEER_CHECKPOINTS"]
+#: Learning-rate schedules of the distillation fine-tunes (``--lr-schedule``).
+LR_SCHEDULES = ("constant", "cosine")
+#: Where a cosine schedule ends, as a fraction of ``lr``.
+COSINE_FLOOR = 0.05
+
+__all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
 
 #: Official checkpoints of the shared data set and the network each one is (file name -> model name).
 PEER_CHECKPOINTS = {
@@ -63,6 +68,9 @@ class ShrinkConfig:
     batch_size: int = 16
     patch_size: int | None = 48  #: LR patch side; None = auto (:func:`effsr.data.select_patch_pairs`)
     lr: float = 1e-4
+    #: learning-rate schedule of every distillation fine-tune: "constant" or "cosine" (to ``lr`` x
+    #: COSINE_FLOOR over that fine-tune's steps)
+    lr_schedule: str = "constant"
     feature_weight: float = 0.1
     device: str = "cpu"
     seed: int = 0
@@ -125,6 +133,9 @@ class ShrinkConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {v!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"--lr must be a number > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule: unknown schedule {self.lr_schedule!r}; choose from "
+                             f"{', '.join(LR_SCHEDULES)}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
         if not is_number(self.verify_tolerance) or self.verify_tolerance <= 0:

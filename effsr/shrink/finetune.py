@@ -1,18 +1,20 @@
 """Distillation fine-tuning of a student by the run's teacher (after repify, each pruning round, Tucker)."""
 from __future__ import annotations
 
+import math
+import os
+from typing import Any, Callable
+
 from distill.optim import MAX_RELATIVE_STEP
 from distill.ranges import input_range as model_input_range
 
-import os
-from typing import Any
-
 from torch import nn
 
+from .config import COSINE_FLOOR, LR_SCHEDULES
 from .seeds import seed_everything
 from .state import RunState, training_form
 
-__all__ = ["distill_finetune", "feature_pairs", "STOP_STEP_ENV", "stop_hook"]
+__all__ = ["distill_finetune", "feature_pairs", "lr_scheduler", "STOP_STEP_ENV", "stop_hook"]
 
 #: Test hook: ``EFFSR_SHRINK_STOP_AT_STEP=<stage>:<round>:<step>`` raises KeyboardInterrupt after distillation
 #: step ``step`` of pruning round ``round`` (0 for the other stages) of stage ``stage`` (``teacher_training``
@@ -38,6 +40,28 @@ def stop_hook(stage: str, round_: int) -> Any:
         if done == step_i:
             raise KeyboardInterrupt(f"stopped at {stage} round {round_} step {done} ({STOP_STEP_ENV})")
     return hook
+
+
+def lr_scheduler(schedule: str, steps: int) -> Callable[[Any], Any] | None:
+    """``train_steps``' ``scheduler_fn`` for ``--lr-schedule`` over a fine-tune of ``steps`` steps (None: constant).
+
+    ``"cosine"`` multiplies every parameter group's learning rate (capped small-weight groups included, see
+    :mod:`distill.optim`) by ``f + (1 - f) * (1 + cos(pi * k / steps)) / 2`` at step ``k``, ``f`` =
+    :data:`~effsr.shrink.config.COSINE_FLOOR`: the first step at ``lr``, ``f * lr`` reached after the last.
+    """
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"--lr-schedule: unknown schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+
+    def factor(k: int) -> float:
+        return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(steps, 1)))
+
+    def make(opt: Any) -> Any:
+        import torch
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return make
 
 
 def feature_pairs(teacher: nn.Module, student: nn.Module) -> list[str]:
@@ -77,7 +101,8 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     ckpt = state.partial_dir / f"finetune_{seed}.pt" if state.partial_dir is not None else None
     try:
         res = distill.train_steps(d, ds, steps, lr=cfg.lr, batch_size=cfg.batch_size, device=state.device,
-                                  seed=seed, progress=cfg.progress, ctx=state.dist,
+                                  seed=seed, scheduler_fn=lr_scheduler(cfg.lr_schedule, steps),
+                                  progress=cfg.progress, ctx=state.dist,
                                   log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
                                   checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
                                   on_step=stop_hook(state.stage_name, round_))
