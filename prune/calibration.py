@@ -317,13 +317,13 @@ class ConvStats:
         b = sol[:, -1].reshape(o) if bias else None
         return w, b
 
-
     def refit_without(self, weight: Tensor, bias: Tensor | None, channels: Sequence[int],
                       ridge: float = 1e-3) -> tuple[Tensor, Tensor | None]:
         """The conv that best keeps its *own* output ``X W^T + b`` (on these rows) once its input
         ``channels`` are removed: ``W_K + Sigma_KK^-1 Sigma_KR W_R`` on the kept im2col features ``K``
         (the constant-1 column included when ``bias`` is given, so the removed channels' mean is folded
-        into the bias), with a scale-free ``ridge`` on ``Sigma_KK`` as in :meth:`solve`. Needs no
+        into the bias), with a scale-free ridge on ``Sigma_KK`` (``ridge`` times its mean diagonal over the
+        kept features; the constant is not penalised), as in :meth:`solve`. Needs no
         target: it is the closed-form local refit the teacher's statistics allow before any student
         exists. Dense convs only (``groups == 1``).
 
@@ -359,6 +359,7 @@ class ConvStats:
             new[keep] = wt[keep] + _spd_solve(a.unsqueeze(0), rhs.unsqueeze(0))[0]
         w = new[:-1].transpose(0, 1).reshape(self.weight_shape)
         return w, None if bias is None else new[-1]
+
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
     """Solve ``a x = b`` for symmetric positive (semi-)definite ``a`` (Cholesky; least squares fallback)."""
