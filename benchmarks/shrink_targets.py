@@ -149,8 +149,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a ShrinkConfig field of every configuration (JSON value, e.g. lr=2e-4, "
-                         "lr_schedule='\"cosine\"'; a bare word is a string); record under another --out")
+                    help="override a ShrinkConfig field of every configuration (a JSON value, else a string: e.g. "
+                         "lr=2e-4, lr_schedule=cosine, calib_rows=null); record such runs under another --out")
     ap.add_argument("--force", action="store_true", help="rerun configurations already in the JSON")
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "shrink_targets.json"))
     args = ap.parse_args()

@@ -45,6 +45,9 @@ DEFAULT_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 #: Resolution of the uniform allocation's ratio search (distinct removal vectors along ``max_ratio * j / N``).
 UNIFORM_STEPS = 2000
 
+#: Scale-free ridge of the consumers' local refit (``refit=True``; as :func:`prune.reconstruct`'s default).
+REFIT_RIDGE = 1e-3
+
 #: ``"sensitivity"``: per-group counts allocated greedily from the sensitivity curves; ``"uniform"``: one
 #: fraction of every group, then the unused budget filled where restoring an atom helps most.
 ALLOCATIONS = ("sensitivity", "uniform")
@@ -176,7 +179,6 @@ class _Fix:
 
     means: dict[int, torch.Tensor] | None = None
     stats: dict[int, ConvStats] | None = None
-    ridge: float = 1e-3
 
 
 @torch.no_grad()
@@ -196,7 +198,7 @@ def _masked_error(model: nn.Module, g: _Group, k: int, inputs: list[torch.Tensor
             st = None if fix.stats is None else fix.stats.get(id(layer))
             if st is not None:
                 w, b = conv_kernel(layer)
-                write_conv_kernel(layer, *st.refit_without(w, b, cols, fix.ridge))
+                write_conv_kernel(layer, *st.refit_without(w, b, cols, REFIT_RIDGE))
             elif isinstance(layer, RepBlock):
                 w, b = layer.fused_kernel()
                 w = w.detach().clone()
@@ -412,12 +414,16 @@ def prune_to_budget(
     return pruned
 
 
+def _consumers(work: nn.Module, groups: list[_Group], keep: Callable[[nn.Module], bool]) -> dict[int, str]:
+    """``{id: name}`` of the consumer conv units of ``groups`` that ``keep`` accepts."""
+    names_of = {id(m): n for n, m in work.named_modules()}
+    return {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers if keep(c)}
+
+
 def _consumer_stats(work: nn.Module, groups: list[_Group], inputs: list[torch.Tensor],
                     calibration: Calibration) -> dict[int, ConvStats]:
     """Statistics of every dense consumer conv unit of ``groups`` on ``inputs`` (for the local refit)."""
-    names_of = {id(m): n for n, m in work.named_modules()}
-    units = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
-             if isinstance(c, (nn.Conv2d, RepBlock)) and c.groups == 1}
+    units = _consumers(work, groups, lambda c: isinstance(c, (nn.Conv2d, RepBlock)) and c.groups == 1)
     if not units:
         return {}
     calib = Calibration(inputs, rows_per_batch=calibration.rows_per_batch, seed=calibration.seed)
@@ -427,9 +433,7 @@ def _consumer_stats(work: nn.Module, groups: list[_Group], inputs: list[torch.Te
 
 def _consumer_means(work: nn.Module, groups: list[_Group], inputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """im2col input means of every biased dense consumer conv of ``groups`` (for bias compensation)."""
-    names_of = {id(m): n for n, m in work.named_modules()}
-    convs = {id(c): names_of[id(c)] for g in groups for c, _, _ in g.consumers
-             if isinstance(c, nn.Conv2d) and c.groups == 1 and c.bias is not None}
+    convs = _consumers(work, groups, lambda c: isinstance(c, nn.Conv2d) and c.groups == 1 and c.bias is not None)
     got = Calibration(inputs).input_means(work, list(dict.fromkeys(convs.values()))) if convs else {}
     return {i: got[n] for i, n in convs.items()}
 
@@ -505,7 +509,6 @@ def _uniform_fill(budget: _Budget, work: nn.Module, inputs: list[torch.Tensor], 
     best = budget.apply(ladder[-1][1])
     if not budget.fits(best[2], best[3]):
         return None
-
     lo, hi = 0, len(ladder) - 1           # ladder[lo] does not fit (nothing removed), ladder[hi] fits
     while hi - lo > 1:
         mid = (lo + hi) // 2
