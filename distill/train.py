@@ -166,6 +166,7 @@ def train_steps(
     on_step: Callable[[int], None] | None = None,
     ctx: ddp_utils.DistContext | None = None,
     max_relative_step: float | None = MAX_RELATIVE_STEP,
+    channels_last: bool = False,
 ) -> TrainResult:
     """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
     until it has done ``steps`` optimizer steps in total (counting steps restored from ``checkpoint``).
@@ -183,6 +184,10 @@ def train_steps(
         desc: the progress bar's name (say which job this is: "teacher training", "prune round 2 distill").
         on_step: ``on_step(step)`` after every optimizer step (after that step's checkpoint); raising
             ``KeyboardInterrupt`` in it stops training with a checkpoint at ``step`` (used to test resume).
+        channels_last: train with the 4-D weights and the batches in ``torch.channels_last`` memory format
+            (NHWC). The values are the same up to float rounding; on CPU oneDNN's NHWC convolutions are the
+            faster ones (``benchmarks/train_speed.py``). The module, and a :class:`Distiller`'s teacher, are
+            returned in ``torch.contiguous_format`` however training ends.
 
     Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
     """
@@ -198,8 +203,28 @@ def train_steps(
         raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
     ctx = ctx or ddp_utils.init_from_env(device=device)
     dev = torch.device(device) if device is not None else ctx.device
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     module.to(dev)
+    fmt = torch.channels_last if channels_last else None
+    if fmt is not None:  # before the optimizer and the checkpoint: Adam's moments then follow the weights' strides
+        module.to(memory_format=fmt)
+    try:
+        return _train(module, data, steps, optimizer_fn, lr, batch_size, scheduler_fn, dev, ctx, checkpoint,
+                      checkpoint_every, resume, grad_clip, log_every, num_workers, seed, progress, desc, on_step,
+                      max_relative_step, fmt)
+    finally:
+        if fmt is not None:
+            module.to(memory_format=torch.contiguous_format)
 
+
+def _train(module: nn.Module, data: Any, steps: int, optimizer_fn: OptimizerFn | None, lr: float, batch_size: int,
+           scheduler_fn: SchedulerFn | None, dev: torch.device, ctx: ddp_utils.DistContext,
+           checkpoint: str | Path | None, checkpoint_every: int, resume: bool, grad_clip: float | None,
+           log_every: int, num_workers: int, seed: int, progress: bool, desc: str,
+           on_step: Callable[[int], None] | None, max_relative_step: float | None,
+           fmt: torch.memory_format | None) -> TrainResult:
+    """:func:`train_steps` after its checks, with the module on ``dev`` (and in ``fmt`` when given)."""
     if isinstance(data, DataLoader):
         loader = data
     elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -253,6 +278,8 @@ def train_steps(
             lr_img, hr_img = next(batches)[:2]
             lr_img = lr_img.to(dev, non_blocking=True)
             hr_img = hr_img.to(dev, non_blocking=True)
+            if fmt is not None:
+                lr_img, hr_img = lr_img.contiguous(memory_format=fmt), hr_img.contiguous(memory_format=fmt)
             loss, parts = model(lr_img, hr_img)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {result.step}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 import math
 
 import numpy as np
@@ -560,8 +561,9 @@ def test_init_from_env_single_process(monkeypatch):
         distill.ddp.init_from_env(backend="tcp")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stop_at", [3, 4, 9])  # inside the 1st epoch, at an epoch boundary, inside the 3rd
-def test_train_steps_resume_is_bit_exact(tmp_path, stop_at):
+def test_train_steps_resume_is_bit_exact(tmp_path, stop_at, channels_last):
     """Interrupt after step ``stop_at`` (on_step hook), resume from the checkpoint: same weights as no stop."""
     lr, hr = batch(n=8)
     ds = torch.utils.data.TensorDataset(lr, hr)  # 4 batches of 2 per epoch
@@ -577,7 +579,7 @@ def test_train_steps_resume_is_bit_exact(tmp_path, stop_at):
 
         try:
             res = train_steps(d, ds, steps=12, batch_size=2, checkpoint=ckpt, checkpoint_every=100, seed=5,
-                              progress=False, on_step=hook, log_every=1)
+                              progress=False, on_step=hook, log_every=1, channels_last=channels_last)
         finally:
             d.close()
         return student, res
@@ -591,6 +593,61 @@ def test_train_steps_resume_is_bit_exact(tmp_path, stop_at):
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["loss"] for h in res.history] == [h["loss"] for h in ref_res.history]  # history restored too
+
+
+def _seen_formats(model: nn.Module) -> tuple[list[bool], Any]:
+    """Record, at each forward of ``model``, whether its input and every 4-D weight are channels-last."""
+    seen: list[bool] = []
+
+    def pre(module, args):
+        weights = [p for p in module.parameters() if p.dim() == 4]
+        seen.append(all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                        for t in [args[0], *weights]))
+    return seen, model.register_forward_pre_hook(pre)
+
+
+def test_train_steps_channels_last_trains_nhwc_to_the_same_weights():
+    """``channels_last=True`` really runs NHWC (the batches and 4-D weights inside the student's forward), ends
+    in float64 at the weights of the NCHW run within 1e-10 relative, and returns student and teacher contiguous."""
+    lr, hr = batch(n=4, size=9)  # odd size
+    ds = torch.utils.data.TensorDataset(lr.double(), hr.double())
+    results = {}
+    for cl in (False, True):
+        teacher, student = models(seed=3, bn=True)
+        teacher.double(), student.double()
+        teacher.B1[1].running_mean.uniform_(-0.5, 0.5)
+        d = Distiller(teacher, student, pairs=PAIRS, gt_weight=1.0)
+        seen, handle = _seen_formats(student)
+        try:
+            train_steps(d, ds, steps=4, batch_size=2, seed=1, lr=1e-2, progress=False, channels_last=cl)
+        finally:
+            handle.remove()
+            d.close()
+        assert seen and all(f == cl for f in seen), (cl, seen)
+        for name, t in [*student.state_dict().items(), *teacher.state_dict().items()]:
+            assert t.is_contiguous(), name
+        results[cl] = student.state_dict()
+    for k, a in results[False].items():
+        b = results[True][k]
+        assert (a - b).abs().max() <= 1e-10 * max(a.abs().max().item(), 1.0), k
+    moved = [k for k, a in results[False].items() if not torch.equal(a, models(seed=3, bn=True)[1].double().state_dict()[k])]
+    assert moved  # the runs trained: the comparison is between trained weights
+
+
+def test_train_steps_channels_last_is_undone_when_interrupted():
+    teacher, student = models()
+    d = Distiller(teacher, student, gt_weight=1.0)
+
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_steps(d, torch.utils.data.TensorDataset(*batch(n=4)), steps=5, batch_size=2, progress=False,
+                    on_step=stop, channels_last=True)
+    d.close()
+    assert all(p.is_contiguous() for m in (teacher, student) for p in m.parameters())
+    with pytest.raises(TypeError, match="channels_last"):
+        train_steps(Supervised(student), torch.utils.data.TensorDataset(*batch(n=4)), steps=1, channels_last="yes")
 
 
 def test_train_steps_progress_names_the_job(capsys, monkeypatch):
