@@ -173,6 +173,10 @@ def test_shrink_y_float_reaches_the_config_and_the_report_bicubic(tmp_path, rfdn
     cfg = commands._config(parser.parse_args(base + ["--y-float"]))
     assert cfg.y_round is False
     assert cfg.fingerprint() != commands._config(parser.parse_args(base)).fingerprint()  # resume keeps one convention
+    assert commands._config(parser.parse_args(base)).channels_last is True
+    nchw = commands._config(parser.parse_args(base + ["--no-channels-last"]))
+    assert nchw.channels_last is False  # a resumed run keeps its memory format (other float rounding):
+    assert nchw.fingerprint() != commands._config(parser.parse_args(base)).fingerprint()
     with pytest.raises(TypeError, match="y_round"):
         ShrinkConfig(model="rfdn", weights=str(rfdn_weights), train_data=str(ds), eval_data=[str(ds)],
                      out=str(tmp_path / "r2"), y_round="yes").validate()

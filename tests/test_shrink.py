@@ -193,6 +193,8 @@ def test_config_validate_names_the_argument(tmp_path):
         ShrinkConfig(**base, device="tpu:9").validate(check_files=False)
     with pytest.raises(ValueError, match="--lr-schedule"):
         ShrinkConfig(**base, lr_schedule="linear").validate(check_files=False)
+    with pytest.raises(TypeError, match="--channels-last"):
+        ShrinkConfig(**base, channels_last="no").validate(check_files=False)
 
 
 def test_cosine_lr_schedule_decays_every_group_and_resumes_bit_exactly(tmp_path):

@@ -45,7 +45,7 @@ def split_default_images() -> tuple[list[Any], list[Any]]:
 def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf: int, seed: int, batch_size: int,
                   patch_size: int, lr: float, device: str, progress: bool, log: Any,
                   checkpoint: Path | None = None, resume: bool = False,
-                  checkpoint_every: int = 50) -> tuple[torch.nn.Module, dict]:
+                  checkpoint_every: int = 50, channels_last: bool = True) -> tuple[torch.nn.Module, dict]:
     """Train ``rfdn(nf, conv="ecb")`` online on ``train_pairs``; return the fused network and what was checked.
 
     With ``checkpoint`` the training is checkpointed every ``checkpoint_every`` steps and on interruption, and
@@ -66,7 +66,8 @@ def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf:
     res = distill.train_steps(distill.Supervised(net), ds, steps, lr=lr, batch_size=batch_size, device=device,
                               seed=seed, progress=progress, scheduler_fn=sched, log_every=max(1, steps // 20),
                               desc="teacher training", checkpoint=checkpoint, resume=resume,
-                              checkpoint_every=checkpoint_every, on_step=stop_hook("teacher_training", 0))
+                              checkpoint_every=checkpoint_every, on_step=stop_hook("teacher_training", 0),
+                              channels_last=channels_last)
     if res.start_step:
         log(f"teacher: resumed training at step {res.start_step} from {checkpoint}")
     net = net.cpu().eval()
@@ -88,12 +89,13 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
              patch_size: int = 32, teacher_lr: float = 2e-3, lr: float = 5e-4, device: str = "cpu",
              progress: bool = True, peers: bool = False, resume: bool = False,
              runtime_trials: int = 3, target_fraction: float | None = DEMO_TARGET_FRACTION,
-             method: str = "auto") -> dict[str, Any]:
+             method: str = "auto", channels_last: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the report data (also in ``out/report.json``).
 
     Default: the data-aware path, a student of at most ``target_fraction`` of the teacher's parameters
     (``method``: prune / tucker / auto), ``steps`` distillation steps. With ``prune > 0`` or ``tucker`` set
     (and ``target_fraction=None``) the plain weight-norm recipe runs instead (``steps`` after each stage).
+    ``channels_last``: teacher training and distillation in NHWC memory format (faster on CPU).
     """
     from effsr import models
 
@@ -113,7 +115,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
                        target_params=budget, method=method,
                        out=str(out), prune=prune, prune_steps=prune_steps, tucker=tucker, steps=steps,
                        batch_size=batch_size, patch_size=patch_size, lr=lr, device=device, seed=seed, resume=resume,
-                       peers=peers, runtime_trials=runtime_trials, progress=progress, tucker_min_channels=8)
+                       peers=peers, runtime_trials=runtime_trials, progress=progress, tucker_min_channels=8,
+                       channels_last=channels_last)
     if not (isinstance(teacher_steps, int) and not isinstance(teacher_steps, bool) and teacher_steps >= 0):
         raise ValueError(f"--teacher-steps must be an int >= 0, got {teacher_steps!r}")
     if not (isinstance(nf, int) and not isinstance(nf, bool) and nf >= 4):
@@ -128,10 +131,11 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
     else:
         log(f"demo: training a teacher rfdn(nf={nf}, conv='ecb') for {teacher_steps} steps on "
             f"{[p.name for p in train_pairs]} (scikit-image photos)")
-        key = hashlib.sha256(json.dumps([nf, seed, teacher_steps, batch_size, patch_size, teacher_lr]).encode())
+        key = hashlib.sha256(json.dumps([nf, seed, teacher_steps, batch_size, patch_size, teacher_lr, channels_last]).encode())
         ckpt = out / f".teacher_training-{key.hexdigest()[:12]}.pt"  # settings in the name: never a stale one
         teacher, _ = train_teacher(train_pairs, eval_pairs, teacher_steps, nf, seed, batch_size, patch_size,
-                                   teacher_lr, device, progress, log, checkpoint=ckpt, resume=resume)
+                                   teacher_lr, device, progress, log, checkpoint=ckpt, resume=resume,
+                                   channels_last=channels_last)
         config = {k: v for k, v in teacher.config.items()}
         save_student(teacher, new_recipe("rfdn", config), teacher_path)
         ckpt.unlink(missing_ok=True)

@@ -102,6 +102,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     try:
         res = distill.train_steps(d, ds, steps, lr=cfg.lr, batch_size=cfg.batch_size, device=state.device,
                                   seed=seed, scheduler_fn=lr_scheduler(cfg.lr_schedule, steps),
+                                  channels_last=cfg.channels_last,
                                   progress=cfg.progress, ctx=state.dist,
                                   log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
                                   checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
