@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decompose  # noqa: E402
 import distill  # noqa: E402
 from effsr import models  # noqa: E402
+from reparam.utils.io import write_json  # noqa: E402
 
 
 def students(teacher: nn.Module) -> dict[str, nn.Module]:
@@ -57,7 +57,7 @@ def run(teacher: nn.Module, student: nn.Module, data: torch.utils.data.Dataset, 
 
 def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
     worst = 0.0
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         if x.is_floating_point():
             worst = max(worst, float((x - y).abs().max()) / max(float(x.abs().max()), 1e-12))
     return worst
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                        "torch": torch.__version__},
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, doc)}")
     return 0
 
 

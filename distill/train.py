@@ -206,25 +206,7 @@ def train_steps(
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     module.to(dev)
-    fmt = torch.channels_last if channels_last else None
-    if fmt is not None:  # before the optimizer and the checkpoint: Adam's moments then follow the weights' strides
-        module.to(memory_format=fmt)
-    try:
-        return _train(module, data, steps, optimizer_fn, lr, batch_size, scheduler_fn, dev, ctx, checkpoint,
-                      checkpoint_every, resume, grad_clip, log_every, num_workers, seed, progress, desc, on_step,
-                      max_relative_step, fmt)
-    finally:
-        if fmt is not None:
-            module.to(memory_format=torch.contiguous_format)
 
-
-def _train(module: nn.Module, data: Any, steps: int, optimizer_fn: OptimizerFn | None, lr: float, batch_size: int,
-           scheduler_fn: SchedulerFn | None, dev: torch.device, ctx: ddp_utils.DistContext,
-           checkpoint: str | Path | None, checkpoint_every: int, resume: bool, grad_clip: float | None,
-           log_every: int, num_workers: int, seed: int, progress: bool, desc: str,
-           on_step: Callable[[int], None] | None, max_relative_step: float | None,
-           fmt: torch.memory_format | None) -> TrainResult:
-    """:func:`train_steps` after its checks, with the module on ``dev`` (and in ``fmt`` when given)."""
     if isinstance(data, DataLoader):
         loader = data
     elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -257,9 +239,6 @@ def _train(module: nn.Module, data: Any, steps: int, optimizer_fn: OptimizerFn |
     if ckpt is not None and resume and ckpt.is_file():
         restored = _load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
         start, history = restored["step"], restored["history"]
-    model = ddp_utils.wrap(module, ctx)  # after loading: every rank starts from the same weights anyway
-    model.train()
-
     result = TrainResult(step=start, start_step=start, seconds=0.0, history=history, world_size=ctx.world_size,
                          checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps)
 
@@ -272,7 +251,12 @@ def _train(module: nn.Module, data: Any, steps: int, optimizer_fn: OptimizerFn |
     t0 = time.perf_counter()
     sums: dict[str, float] = {}
     count = 0
+    fmt = torch.channels_last if channels_last else None
+    if fmt is not None:  # Adam's moments, made at the first step, follow the weights' strides
+        module.to(memory_format=fmt)
     try:
+        model = ddp_utils.wrap(module, ctx)  # after loading and the format: every rank starts from the same weights
+        model.train()
         batches = _batches(loader, done=start)  # per process: each step takes one batch on every rank
         while result.step < steps:
             lr_img, hr_img = next(batches)[:2]
@@ -312,5 +296,7 @@ def _train(module: nn.Module, data: Any, steps: int, optimizer_fn: OptimizerFn |
     finally:
         result.seconds = time.perf_counter() - t0
         bar.close()
+        if fmt is not None:
+            module.to(memory_format=torch.contiguous_format)
     save()
     return result

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 import math
+from typing import Any
 
 import numpy as np
 import pytest

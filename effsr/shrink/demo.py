@@ -131,7 +131,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
     else:
         log(f"demo: training a teacher rfdn(nf={nf}, conv='ecb') for {teacher_steps} steps on "
             f"{[p.name for p in train_pairs]} (scikit-image photos)")
-        key = hashlib.sha256(json.dumps([nf, seed, teacher_steps, batch_size, patch_size, teacher_lr, channels_last]).encode())
+        settings = [nf, seed, teacher_steps, batch_size, patch_size, teacher_lr, channels_last]
+        key = hashlib.sha256(json.dumps(settings).encode())
         ckpt = out / f".teacher_training-{key.hexdigest()[:12]}.pt"  # settings in the name: never a stale one
         teacher, _ = train_teacher(train_pairs, eval_pairs, teacher_steps, nf, seed, batch_size, patch_size,
                                    teacher_lr, device, progress, log, checkpoint=ckpt, resume=resume,
