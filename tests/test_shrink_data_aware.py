@@ -12,7 +12,7 @@ import torch
 
 import effsr.shrink.commands  # noqa: F401 - registers `effsr shrink` / `effsr frontier`
 from effsr import cli, data, inference, models
-from effsr.shrink import compress, load_student, save_student
+from effsr.shrink import ShrinkConfig, compress, load_student, save_student
 from effsr.shrink.recipe import new_recipe
 from conftest import write_benchmark_folder
 
@@ -181,8 +181,9 @@ def test_oneshot_is_deterministic_for_a_seed(tiny, allocation, importance):
 
 
 def test_calibration_draws_on_images_smaller_than_the_training_patch(tiny, tmp_path):
-    """A 40 px training patch leaves the three 32 px-high LR images out of training, but the 32 px
-    calibration crops still come from all five images, and the log says from how many."""
+    """A 40 px training patch leaves the three 32 px-high LR images out of training, but 32 px
+    calibration crops (``--calib-patch 32``) still come from all five images, and the log says from how
+    many; the default 48 px patch comes from the two images that large."""
     from effsr.shrink.compress import calibration_patch_size
 
     photos = {p.name: p.hr for p in data.default_images()}
@@ -191,14 +192,22 @@ def test_calibration_draws_on_images_smaller_than_the_training_patch(tiny, tmp_p
     folder = write_benchmark_folder(tmp_path / "mixed", imgs)
     sel = data.select_patch_pairs(list(data.open_dataset(folder)), 40)
     assert (len(sel.pairs), len(sel.considered_pairs)) == (2, 5)
-    assert calibration_patch_size(sel.considered_pairs) == 32
+    assert calibration_patch_size(sel.considered_pairs, 32) == 32
+    assert calibration_patch_size(sel.considered_pairs) == 48 == ShrinkConfig.calib_patch
+    assert calibration_patch_size(sel.considered_pairs, 64) == 48  # no image that large: the largest side
+    assert calibration_patch_size([p for p in sel.considered_pairs if p.name.startswith("small")], 48) == 32
     out = tmp_path / "run"
     argv = _argv(tiny, out, "--target-params", str(int(0.8 * tiny["params"])), "--method", "tucker",
                  "--steps", "0")
     argv[argv.index("--patch-size") + 1] = "40"
     argv[argv.index("--train-data") + 1] = str(folder)
-    assert cli.main(argv) == 0
+    assert cli.main(argv + ["--calib-patch", "32"]) == 0
     assert "calibration: 16 LR patches of 32 px from 5 training image(s)" in (out / "log.txt").read_text()
+    assert json.loads((out / "report.json").read_text())["stages"]["compress"]["calib_patch"] == 32
+    argv[argv.index("--out") + 1] = str(tmp_path / "run48")
+    assert cli.main(argv) == 0
+    log48 = (tmp_path / "run48" / "log.txt").read_text()
+    assert "calibration: 16 LR patches of 48 px from 2 training image(s)" in log48
 
 
 def test_calibration_patches_are_aligned_lr_hr_crops(tiny):
@@ -222,6 +231,7 @@ def _contains(img: np.ndarray, crop: torch.Tensor) -> bool:
     (("--target-params", "10", "--method", "auto"), "cannot be reached"),
     (("--target-params", "1000", "--calib-images", "0"), "--calib-images"),
     (("--target-params", "1000", "--calib-rows", "-3"), "--calib-rows"),
+    (("--target-params", "1000", "--calib-patch", "8"), "--calib-patch"),
     (("--target-params", "1000", "--tucker-refine", "-1"), "--tucker-refine"),
     (("--target-params", "1000", "--method", "magic"), "--method"),
     (("--target-params", "1000", "--importance", "magic"), "--importance"),
@@ -292,6 +302,7 @@ def test_frontier_flags_a_student_below_bicubic(tmp_path, tiny, capsys):
     (("--budgets", "0.5,1.2"), "--budgets"),
     (("--method", "prune,magic"), "--method"),
     (("--calib-images", "0"), "--calib-images"),
+    (("--calib-patch", "12"), "--calib-patch"),
     (("--calib-rows", "-1"), "--calib-rows"),
     (("--tucker-refine", "-2"), "--tucker-refine"),
 ])

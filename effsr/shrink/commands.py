@@ -7,7 +7,7 @@ from pathlib import Path
 
 from effsr.cli_core import CLIError, command, error_line, model_help
 
-from .config import CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, TUCKER_REFINE
 
 __all__: list[str] = []
 
@@ -122,10 +122,14 @@ def _model_config(text: str | None) -> dict:
 def _calibration_args(p: argparse.ArgumentParser) -> None:
     """The calibration options ``shrink`` and ``frontier`` share."""
     p.add_argument("--calib-images", type=int, default=64, metavar="N",
-                   help="calibration LR patches (32 px) cut from every training image that fits one")
+                   help="calibration LR patches (--calib-patch px) cut from every training image that "
+                        "fits one")
+    p.add_argument("--calib-patch", type=int, default=CALIB_PATCH, metavar="PX",
+                   help=f"LR side of the calibration patches (default {CALIB_PATCH}; smaller when no "
+                        "training image is that large)")
     p.add_argument("--calib-rows", type=int, default=CALIB_ROWS, metavar="N",
                    help="output pixels per calibration batch of 8 patches each layer's statistics use "
-                        "(a seeded subsample; 0: all, 8192 for 32 px patches)")
+                        "(a seeded subsample; 0: all, 18,432 for 48 px patches)")
     p.add_argument("--tucker-refine", type=int, default=TUCKER_REFINE, metavar="N",
                    help="alternating refinement rounds of each data-aware Tucker factorization (0: none)")
 
@@ -149,7 +153,8 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
         method=args.method, importance=args.importance, calib_images=args.calib_images,
-        calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine, objective=args.objective,
+        calib_patch=args.calib_patch, calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine,
+        objective=args.objective,
         objective_tolerance=args.objective_tolerance, allocation=args.allocation)
     try:
         return cfg.validate()
@@ -291,7 +296,8 @@ def _frontier(args: argparse.Namespace) -> int:
     cfg = FrontierConfig(model=args.model, weights=args.weights, calib_data=args.calib_data,
                          eval_data=list(args.eval_data), out=args.out, budgets=_floats(args.budgets, "--budgets"),
                          methods=[m.strip() for m in args.method.split(",") if m.strip()],
-                         calib_images=args.calib_images, calib_rows=_rows(args.calib_rows),
+                         calib_images=args.calib_images, calib_patch=args.calib_patch,
+                         calib_rows=_rows(args.calib_rows),
                          tucker_refine=args.tucker_refine, importance=args.importance,
                          tucker_min_channels=args.tucker_min_channels, seed=args.seed, device=args.device,
                          resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,

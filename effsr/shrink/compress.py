@@ -30,7 +30,7 @@ from torch import nn
 
 from prune.budget import ALLOCATIONS  # how pruning spreads a budget: see prune.prune_to_budget(allocation=)
 
-from .config import CALIB_ROWS, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, TUCKER_REFINE
 
 __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out",
            "fitting_images", "calibration_patches", "make_calibration", "challenge_conv_flops", "budget_of",
@@ -39,8 +39,6 @@ __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_p
 METHODS = ("prune", "tucker", "auto")
 IMPORTANCES = ("l2", "activation", "recon")
 OBJECTIVES = ("psnr", "runtime")
-#: LR side of the calibration patches (images smaller than this are left out of the calibration).
-CALIB_PATCH = 32
 #: Tracing input of the pruning graph (ESA needs >= 16 px); recorded in the recipe.
 PRUNE_EXAMPLE_SHAPE = (1, 3, 32, 32)
 #: Largest fraction of each group's filters pruning may remove while meeting a budget.
@@ -375,7 +373,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
     if cfg.method == "auto" and len(methods) < 2:
         state.log(f"auto: only {methods[0]} can reach the budget")
     pairs = state.calib_pairs  # every training image, also those under the training patch
-    patch = calibration_patch_size(pairs)
+    patch = calibration_patch_size(pairs, cfg.calib_patch)
     n = int(cfg.calib_images)
     lr, hr = calibration_patches(pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
     rng = model_input_range(state.teacher)

@@ -14,6 +14,10 @@ from reparam.utils.validate import is_int, is_number
 #: the 8192 a batch of eight 32 px patches has: measured on RFDN, the same data-aware Tucker PSNR within
 #: 0.03 dB at three quarters of the time (bench_results/oneshot_tucker*.json).
 CALIB_ROWS = 2048
+#: LR side of the calibration patches (``--calib-patch``): the training patch's default, 48 px. At 32 px
+#: ESA's strided conv + 7x7/3 max-pool leave a 3x3 map (6x6 at 48 px), far from what whole images give;
+#: 48 px calibration is +0.16 dB Set5 one-shot pruned / +0.02 Tucker on RFDN (docs/shrink.md)
+CALIB_PATCH = 48
 #: Alternating refinement rounds of each data-aware Tucker fit (RFDN at -33 %: +0.07 dB Set5 for 1.3x the time).
 TUCKER_REFINE = 2
 
@@ -99,6 +103,7 @@ class ShrinkConfig:
     importance: str = "recon"
     calib_images: int = 64
     calib_rows: int | None = CALIB_ROWS
+    calib_patch: int = CALIB_PATCH
     tucker_refine: int = TUCKER_REFINE
     objective: str = "psnr"
     objective_tolerance: float = 0.1
@@ -189,6 +194,9 @@ class ShrinkConfig:
             raise ValueError(f"--objective: unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if not is_int(self.calib_images) or self.calib_images < 1:
             raise ValueError(f"--calib-images must be an int >= 1, got {self.calib_images!r}")
+        if not is_int(self.calib_patch) or self.calib_patch < 16:
+            raise ValueError(f"--calib-patch must be an int >= 16 (ESA's strided conv and 7x7 pool), "
+                             f"got {self.calib_patch!r}")
         if self.calib_rows is not None and (not is_int(self.calib_rows) or self.calib_rows < 1):
             raise ValueError(f"--calib-rows must be an int >= 1 (0 on the command line: all), got {self.calib_rows!r}")
         if not is_int(self.tucker_refine) or self.tucker_refine < 0:

@@ -29,7 +29,7 @@ import torch
 
 from reparam.utils.io import write_json, write_text
 
-from .config import CALIB_ROWS, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, TUCKER_REFINE
 
 __all__ = ["FrontierConfig", "run_frontier", "FRONTIER_METHODS"]
 
@@ -49,6 +49,7 @@ class FrontierConfig:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(FRONTIER_METHODS))
     calib_images: int = 64
     calib_rows: int | None = CALIB_ROWS
+    calib_patch: int = CALIB_PATCH
     tucker_refine: int = TUCKER_REFINE
     importance: str = "recon"
     tucker_min_channels: int = 16
@@ -94,13 +95,15 @@ class FrontierConfig:
                          runtime_trials=self.runtime_trials, model_config=self.model_config,
                          tucker_min_channels=self.tucker_min_channels, seed=self.seed,
                          calib_images=self.calib_images, calib_rows=self.calib_rows,
+                         calib_patch=self.calib_patch,
                          tucker_refine=self.tucker_refine, importance=self.importance).validate()
         except ValueError as err:
             raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
         return self
 
     def fingerprint(self) -> str:
-        keep = ("model", "calib_data", "calib_images", "calib_rows", "tucker_refine", "importance",
+        keep = ("model", "calib_data", "calib_images", "calib_rows", "calib_patch", "tucker_refine",
+                "importance",
                 "tucker_min_channels", "seed", "y_round", "model_config", "max_eval_images")
         d = {k: getattr(self, k) for k in keep}
         d["weights"] = str(Path(self.weights).resolve())
@@ -182,7 +185,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
         sel = open_train_pairs(cfg.calib_data, None)
     except ValueError as err:
         raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
-    patch = compress.calibration_patch_size(list(sel.pairs))
+    patch = compress.calibration_patch_size(list(sel.pairs), cfg.calib_patch)
     eval_sets = open_eval_sets(cfg.eval_data, cfg.max_eval_images)
     out.mkdir(parents=True, exist_ok=True)
     fp = cfg.fingerprint()

@@ -206,8 +206,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(4, "tucker", stage_tucker, enabled=lambda cfg: cfg.tucker is not None,
           settings=("tucker", "tucker_min_channels")),
     Stage(5, "compress", stage_compress, enabled=lambda cfg: cfg.data_aware,
-          settings=("target_params", "target_flops", "method", "importance", "calib_images", "calib_rows",
-                    "tucker_refine", "objective", "objective_tolerance", "tucker_min_channels", "allocation")),
+          settings=("target_params", "target_flops", "method", "importance", "calib_images", "calib_patch",
+                    "calib_rows", "tucker_refine", "objective", "objective_tolerance", "tucker_min_channels",
+                    "allocation")),
     Stage(6, "distill", stage_distill, enabled=lambda cfg: cfg.data_aware and cfg.steps > 0),
     Stage(7, "report", stage_report, saves_student=False),
 )
