@@ -73,9 +73,10 @@ def calibration_patches(pairs: Sequence[Any], n: int, patch: int, seed: int, sca
         hr = p.hr if p.hr.ndim == 3 else np.repeat(p.hr[..., None], 3, axis=2)
         y = int(rng.integers(0, lr.shape[0] - patch + 1))
         x = int(rng.integers(0, lr.shape[1] - patch + 1))
-        lrs.append(torch.from_numpy(np.ascontiguousarray(lr[y:y + patch, x:x + patch])).permute(2, 0, 1))
-        hrs.append(torch.from_numpy(np.ascontiguousarray(
-            hr[y * scale:(y + patch) * scale, x * scale:(x + patch) * scale])).permute(2, 0, 1))
+        # copies: a crop may be a read-only view of a cached image
+        lrs.append(torch.from_numpy(lr[y:y + patch, x:x + patch].copy()).permute(2, 0, 1))
+        hrs.append(torch.from_numpy(hr[y * scale:(y + patch) * scale, x * scale:(x + patch) * scale].copy())
+                   .permute(2, 0, 1))
     return torch.stack(lrs).float(), torch.stack(hrs).float()
 
 
