@@ -9,6 +9,7 @@ See docs/distill.md.
 """
 from . import ddp, losses
 from .distiller import ADAPTERS, Distiller, make_adapter
+from .ema import WeightEMA
 from .hooks import FeatureHooks, resolve_module
 from .losses import (
     CharbonnierLoss, FFTLoss, L1Loss, L2Loss, WaveletLoss, charbonnier_loss, fft_loss, get_loss, haar_dwt, l1_loss,
@@ -20,7 +21,7 @@ from .train import TrainResult, load_checkpoint, save_checkpoint, train_steps
 
 __all__ = [
     "ddp", "losses", "ADAPTERS", "Distiller", "make_adapter", "FeatureHooks", "resolve_module", "Supervised",
-    "TrainResult", "train_steps", "save_checkpoint", "load_checkpoint", "get_loss", "l1_loss", "l2_loss",
+    "TrainResult", "train_steps", "WeightEMA", "save_checkpoint", "load_checkpoint", "get_loss", "l1_loss", "l2_loss",
     "charbonnier_loss", "fft_loss", "wavelet_loss", "haar_dwt", "L1Loss", "L2Loss", "CharbonnierLoss", "FFTLoss",
     "WaveletLoss", "input_range",
 ]

@@ -5,7 +5,7 @@ DistributedDataParallel, shards a Dataset with a DistributedSampler (``batch_siz
 progress bar named ``desc`` on rank 0 (:func:`reparam.utils.progress.progress`: plain lines when stderr is not a
 terminal) and writes checkpoints from rank 0 only. Checkpoints hold tensors and plain values only
 (``torch.load(..., weights_only=True)``): the trainable module's ``state_dict`` (student + adapters), the optimizer
-and scheduler states, the step and the loss history; they are written atomically every ``checkpoint_every``
+and scheduler states, the weight average (``ema_decay``), the step and the loss history; they are written atomically every ``checkpoint_every``
 steps, at the end, and on ``KeyboardInterrupt``; with ``resume=True`` a later call continues from the saved step.
 
 Resuming is exact: when ``data`` is a dataset, the sampler is fast-forwarded past the batches already trained on
@@ -30,6 +30,7 @@ from reparam.utils.validate import check_int
 from reparam.utils.progress import progress as progress_bar
 
 from . import ddp as ddp_utils
+from .ema import WeightEMA, check_ema_decay
 from .optim import MAX_RELATIVE_STEP, capped_lrs, lr_groups
 
 __all__ = ["train_steps", "TrainResult", "save_checkpoint", "load_checkpoint"]
@@ -51,6 +52,8 @@ class TrainResult:
     world_size: int = 1
     #: weight tensors whose learning rate the default optimizer capped (name -> lr), see :mod:`distill.optim`
     lr_capped: dict[str, float] = field(default_factory=dict)
+    #: the decay of the weight average the module was given at the end (None: the last step's weights)
+    ema_decay: float | None = None
 
     @property
     def steps_run(self) -> int:
@@ -63,8 +66,10 @@ class TrainResult:
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, step: int = 0, history: list[dict[str, float]] | None = None) -> None:
-    """Atomically write ``{"model", "optimizer", "scheduler", "step", "history"}`` (tensors and plain values)."""
+                    scheduler: Any = None, step: int = 0, history: list[dict[str, float]] | None = None,
+                    ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write ``{"model", "optimizer", "scheduler", "ema", "step", "history"}`` (tensors and plain
+    values; ``model`` holds the training weights, ``ema`` their running average when there is one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {"model": ddp_utils.unwrap(module).state_dict(), "step": int(step),
@@ -73,6 +78,8 @@ def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    if ema is not None:
+        state["ema"] = ema
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
@@ -90,7 +97,7 @@ def _load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    return {"step": int(state.get("step", 0)), "history": list(state.get("history", []))}
+    return {"step": int(state.get("step", 0)), "history": list(state.get("history", [])), "ema": state.get("ema")}
 
 
 class _SkippingBatchSampler(BatchSampler):
@@ -167,6 +174,7 @@ def train_steps(
     ctx: ddp_utils.DistContext | None = None,
     max_relative_step: float | None = MAX_RELATIVE_STEP,
     channels_last: bool = False,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
     until it has done ``steps`` optimizer steps in total (counting steps restored from ``checkpoint``).
@@ -188,6 +196,10 @@ def train_steps(
             (NHWC). The values are the same up to float rounding; on CPU oneDNN's NHWC convolutions are the
             faster ones (``benchmarks/train_speed.py``). The module, and a :class:`Distiller`'s teacher, are
             returned in ``torch.contiguous_format`` however training ends.
+        ema_decay: keep an exponential moving average of the trainable parameters (:class:`distill.ema.WeightEMA`:
+            ``decay`` with a warm-up, ``min(decay, (1 + t) / (10 + t))`` at step ``t``) and give it to the module
+            when training reaches ``steps``; the checkpoint holds both, so a resumed run ends the same. An
+            interrupted run leaves the module at its last step's weights. None (default): no average.
 
     Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
     """
@@ -201,6 +213,7 @@ def train_steps(
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
         raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
+    ema_decay = check_ema_decay(ema_decay)
     ctx = ctx or ddp_utils.init_from_env(device=device)
     dev = torch.device(device) if device is not None else ctx.device
     if not isinstance(channels_last, bool):
@@ -236,15 +249,21 @@ def train_steps(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
     history: list[dict[str, float]] = []
+    saved_ema = None
     if ckpt is not None and resume and ckpt.is_file():
         restored = _load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
-        start, history = restored["step"], restored["history"]
+        start, history, saved_ema = restored["step"], restored["history"], restored["ema"]
+        if ema_decay is not None and start > 0 and saved_ema is None:
+            raise ValueError(f"ema_decay: checkpoint {ckpt} was written without a weight average; resume it "
+                             "with ema_decay=None or start a new checkpoint")
     result = TrainResult(step=start, start_step=start, seconds=0.0, history=history, world_size=ctx.world_size,
-                         checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps)
+                         checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps, ema_decay=ema_decay)
+    ema: WeightEMA | None = None
 
     def save() -> None:
         if ckpt is not None and ctx.is_main:
-            save_checkpoint(ckpt, module, optimizer, scheduler, result.step, result.history)
+            save_checkpoint(ckpt, module, optimizer, scheduler, result.step, result.history,
+                            ema=ema.state_dict() if ema is not None else None)
 
     bar = progress_bar(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
                        desc=desc, unit="step")
@@ -254,6 +273,10 @@ def train_steps(
     fmt = torch.channels_last if channels_last else None
     if fmt is not None:  # Adam's moments, made at the first step, follow the weights' strides
         module.to(memory_format=fmt)
+    if ema_decay is not None:  # after the format: the averages are clones of the weights as they train
+        ema = WeightEMA(named, ema_decay)
+        if saved_ema is not None and start > 0:
+            ema.load_state_dict({k: v.to(dev) for k, v in saved_ema.items()})
     try:
         model = ddp_utils.wrap(module, ctx)  # after loading and the format: every rank starts from the same weights
         model.train()
@@ -275,6 +298,8 @@ def train_steps(
             if scheduler is not None:
                 scheduler.step()
             result.step += 1
+            if ema is not None:
+                ema.update(result.step)
             count += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
@@ -298,5 +323,7 @@ def train_steps(
         bar.close()
         if fmt is not None:
             module.to(memory_format=torch.contiguous_format)
-    save()
+    save()  # the training weights and the average: a resumed run goes on from both
+    if ema is not None:
+        ema.copy_to_params()
     return result

@@ -561,10 +561,11 @@ def test_init_from_env_single_process(monkeypatch):
         distill.ddp.init_from_env(backend="tcp")
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last, ema_decay", [(False, None), (True, None), (False, 0.8), (True, 0.8)])
 @pytest.mark.parametrize("stop_at", [3, 4, 9])  # inside the 1st epoch, at an epoch boundary, inside the 3rd
-def test_train_steps_resume_is_bit_exact(tmp_path, stop_at, channels_last):
-    """Interrupt after step ``stop_at`` (on_step hook), resume from the checkpoint: same weights as no stop."""
+def test_train_steps_resume_is_bit_exact(tmp_path, stop_at, channels_last, ema_decay):
+    """Interrupt after step ``stop_at`` (on_step hook), resume from the checkpoint: same weights as no stop
+    (with a weight average too: the checkpoint holds it beside the training weights)."""
     lr, hr = batch(n=8)
     ds = torch.utils.data.TensorDataset(lr, hr)  # 4 batches of 2 per epoch
 
@@ -579,7 +580,8 @@ def test_train_steps_resume_is_bit_exact(tmp_path, stop_at, channels_last):
 
         try:
             res = train_steps(d, ds, steps=12, batch_size=2, checkpoint=ckpt, checkpoint_every=100, seed=5,
-                              progress=False, on_step=hook, log_every=1, channels_last=channels_last)
+                              progress=False, on_step=hook, log_every=1, channels_last=channels_last,
+                              ema_decay=ema_decay)
         finally:
             d.close()
         return student, res
@@ -587,12 +589,72 @@ def test_train_steps_resume_is_bit_exact(tmp_path, stop_at, channels_last):
     ref, ref_res = run(tmp_path / "ref.pt")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut.pt", stop=stop_at)
-    assert torch.load(tmp_path / "cut.pt", weights_only=True)["step"] == stop_at
+    cut = torch.load(tmp_path / "cut.pt", weights_only=True)
+    assert cut["step"] == stop_at and ("ema" in cut) == (ema_decay is not None)
     resumed, res = run(tmp_path / "cut.pt")
     assert (res.start_step, res.step) == (stop_at, 12)
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["loss"] for h in res.history] == [h["loss"] for h in ref_res.history]  # history restored too
+    again, res = run(tmp_path / "cut.pt")  # a finished run restored: trains nothing, ends the same
+    assert res.steps_run == 0
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_steps_ema_ends_at_the_warmed_up_average_of_the_steps(channels_last):
+    """``ema_decay``: the module ends at ``avg_t = d_t avg_{t-1} + (1 - d_t) w_t`` over the weights ``w_t`` after
+    each step (``avg_0`` = the start, ``d_t = min(decay, (1 + t) / (10 + t))``), in float64 within 1e-12; an
+    interrupted run keeps its last step's weights."""
+    from distill.ema import ema_factor
+
+    torch.manual_seed(2)
+    net = TinySR(6).double()
+    lr, hr = batch(n=6, size=7)  # odd size
+    ds = torch.utils.data.TensorDataset(lr.double(), hr.double())
+    sup = Supervised(net)
+    avg = {k: v.detach().clone() for k, v in net.named_parameters()}
+    decay, last = 0.7, {}
+
+    def follow(step):  # the module holds the training weights during training
+        d = ema_factor(decay, step)
+        for k, v in net.named_parameters():
+            avg[k] = d * avg[k] + (1 - d) * v.detach()
+            last[k] = v.detach().clone()
+
+    res = train_steps(sup, ds, steps=8, batch_size=2, lr=5e-2, seed=3, progress=False, on_step=follow,
+                      ema_decay=decay, channels_last=channels_last)
+    assert res.ema_decay == decay
+    assert [ema_factor(decay, t) for t in (1, 2, 30)] == [2 / 11, 3 / 12, decay]
+    for k, v in net.named_parameters():
+        assert (v - avg[k]).abs().max() <= 1e-12 * max(avg[k].abs().max().item(), 1.0), k
+        assert v.is_contiguous(), k
+    assert any((v - last[k]).abs().max() > 1e-4 for k, v in net.named_parameters())  # not the last step's
+
+    def stop(step):
+        follow(step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_steps(sup, ds, steps=8, batch_size=2, lr=5e-2, progress=False, on_step=stop, ema_decay=decay)
+    assert all(torch.equal(v, last[k]) for k, v in net.named_parameters())
+
+
+def test_train_steps_ema_argument_errors(tmp_path):
+    sup = Supervised(nn.Conv2d(3, 3, 3, padding=1))
+    lr, hr = batch(n=4)
+    ds = torch.utils.data.TensorDataset(lr, hr[:, :, ::2, ::2])
+    for bad in (0, 1, 1.5, -0.1, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match="ema_decay"):
+            train_steps(sup, ds, steps=1, batch_size=2, progress=False, ema_decay=bad)
+    ckpt = tmp_path / "plain.pt"
+    train_steps(sup, ds, steps=1, batch_size=2, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="ema_decay"):  # no average to resume from
+        train_steps(sup, ds, steps=2, batch_size=2, progress=False, checkpoint=ckpt, ema_decay=0.9)
+    ema = distill.WeightEMA(list(sup.named_parameters()), 0.9)
+    with pytest.raises(ValueError, match="ema"):
+        ema.load_state_dict({"weight": torch.zeros(3, 3, 3, 3)})
 
 
 def _seen_formats(model: nn.Module) -> tuple[list[bool], Any]:

@@ -1,6 +1,7 @@
 """Tests for effsr.shrink: the shrink pipeline, its recipes, resume, argument checks and the demo."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def test_resume_after_interruption_gives_identical_weights(full_run, tiny, monke
     (("--patch-size", "8"), "--patch-size"),
     (("--model-config", "[1, 2]"), "--model-config"),
     (("--lr-schedule", "linear"), "--lr-schedule"),
+    (("--ema-decay", "1"), "--ema-decay"),
 ])
 def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys, change, expected):
     out = tmp_path / "never"
@@ -195,6 +197,20 @@ def test_config_validate_names_the_argument(tmp_path):
         ShrinkConfig(**base, lr_schedule="linear").validate(check_files=False)
     with pytest.raises(TypeError, match="--channels-last"):
         ShrinkConfig(**base, channels_last="no").validate(check_files=False)
+    for bad in (0.0, 1.0, -0.5, "0.99", True):
+        with pytest.raises(ValueError, match="--ema-decay"):
+            ShrinkConfig(**base, ema_decay=bad).validate(check_files=False)
+
+
+def test_ema_decay_keeps_the_fingerprints_of_earlier_runs_while_off():
+    """``--resume`` of a run written before ``ema_decay`` existed: the fingerprint with it off is the one that
+    code computed for the same settings (c3ef9d9a0f8e244b); turning it on changes it."""
+    cfg = ShrinkConfig(model="rfdn", weights="", train_data="default", eval_data=["default"], out="o",
+                       target_params=1000, method="tucker", steps=5)
+    assert cfg.fingerprint() == "c3ef9d9a0f8e244b"
+    assert cfg.fingerprint(exclude=("steps",)) == "cab01f95173cb6f8"
+    on = dataclasses.replace(cfg, ema_decay=0.999)
+    assert on.fingerprint() != cfg.fingerprint() != dataclasses.replace(cfg, ema_decay=0.99).fingerprint()
 
 
 def test_cosine_lr_schedule_decays_every_group_and_resumes_bit_exactly(tmp_path):

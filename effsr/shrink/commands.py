@@ -70,6 +70,9 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                         "(default: on; --no-channels-last: NCHW)")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="end each distillation fine-tune at an exponential moving average of the student's "
+                        "weights with decay D in (0, 1), e.g. 0.999 (default: off, the last step's weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto, cuda if available)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random choice in the run")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="output folder (default runs/shrink_<model>)")
@@ -146,7 +149,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         out=args.out or f"runs/shrink_{args.model}", prune=args.prune, prune_steps=args.prune_steps,
         tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
         patch_size=args.patch_size, lr=args.lr, lr_schedule=args.lr_schedule, feature_weight=args.feature_weight,
-        channels_last=args.channels_last, device=args.device,
+        ema_decay=args.ema_decay, channels_last=args.channels_last, device=args.device,
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,

@@ -26,6 +26,10 @@ LR_SCHEDULES = ("constant", "cosine")
 #: Where a cosine schedule ends, as a fraction of ``lr``.
 COSINE_FLOOR = 0.05
 
+#: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
+#: ``--resume`` still accepts the stages those runs wrote.
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None}
+
 __all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
 
 #: Official checkpoints of the shared data set and the network each one is (file name -> model name).
@@ -79,6 +83,9 @@ class ShrinkConfig:
     #: 1.6x faster per step (``benchmarks/train_speed.py``), the same values up to float rounding
     channels_last: bool = True
     feature_weight: float = 0.1
+    #: distil toward an exponential moving average of the student's weights (``--ema-decay``; None: off),
+    #: see :class:`distill.ema.WeightEMA`
+    ema_decay: float | None = None
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
@@ -148,6 +155,8 @@ class ShrinkConfig:
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
+        if self.ema_decay is not None and (not is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
+            raise ValueError(f"--ema-decay must be a number in (0, 1), got {self.ema_decay!r}")
         if not is_number(self.verify_tolerance) or self.verify_tolerance <= 0:
             raise ValueError(f"verify_tolerance must be a number > 0, got {self.verify_tolerance!r}")
         if not is_int(self.seed):
@@ -262,6 +271,9 @@ class ShrinkConfig:
         skip = {"out", "resume", "progress", "peers", "peers_dir", "runtime_trials", "device", "eval_data",
                 "max_eval_images", "verify_images", "checkpoint_every", *exclude}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        for k, off in _ADDED_OFF.items():  # settings added later hash as before while they are off
+            if k in d and d[k] == off:
+                del d[k]
         d["weights"] = str(Path(self.weights).resolve()) if self.weights else None
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -102,7 +102,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     try:
         res = distill.train_steps(d, ds, steps, lr=cfg.lr, batch_size=cfg.batch_size, device=state.device,
                                   seed=seed, scheduler_fn=lr_scheduler(cfg.lr_schedule, steps),
-                                  channels_last=cfg.channels_last,
+                                  channels_last=cfg.channels_last, ema_decay=cfg.ema_decay,
                                   progress=cfg.progress, ctx=state.dist,
                                   log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
                                   checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
@@ -112,13 +112,15 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     student.eval()
     hist = res.history
     info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names,
-            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
+            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
+            "ema_decay": res.ema_decay}
     if res.lr_capped:
         info["lr_capped"] = dict(res.lr_capped)
         low = min(res.lr_capped, key=res.lr_capped.__getitem__)
         state.log(f"{label}: learning rate capped at {MAX_RELATIVE_STEP:.0%} of the weights' RMS per step for "
                   f"{len(res.lr_capped)} small-weight tensor(s) (smallest: {low}, lr {res.lr_capped[low]:.2g})")
     resumed = f" (resumed at step {res.start_step})" if res.start_step else ""
+    ema = f"; student = their weight average (EMA decay {res.ema_decay:g})" if res.ema_decay is not None else ""
     state.log(f"{label}: {res.step} distillation steps{resumed}, loss {info['loss_first']} -> {info['loss_last']} "
-              f"({res.seconds:.1f} s)")
+              f"({res.seconds:.1f} s){ema}")
     return info
