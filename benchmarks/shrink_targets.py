@@ -20,9 +20,9 @@ a configuration already there is skipped unless ``--force``):
 * ``tucker10`` / ``auto10``: + distillation sized to ~10 min on 2 cores (target 31.95 dB);
 * distillation runs channels-last (the ``ShrinkConfig`` default); ``--set channels_last=false`` gives the NCHW
   runs of earlier stops;
-* ``auto30``: ~30 min (target 32.05 dB); ``half30``: <= 216,724 params, ~30 min (target 31.70 dB): 1000
-  distillation steps, what 30 min hold on 2 unshared cores (1.2-1.35 s/step + ~150 s compress; ``--steps``
-  overrides, e.g. 1300 steps took 2,111-2,427 s beside other jobs);
+* ``auto30``: target 32.05 dB; ``half30``: <= 216,724 params (target 31.70 dB): 1000 distillation steps, what
+  30 min held in NCHW (1.2-1.35 s/step + ~150 s compress); channels-last they take 13 min (0.6 s/step,
+  792 / 758 s measured); ``--steps`` overrides;
 * ``tucker30``: the 30-minute target spent on steps: ``--method tucker --steps 2400 --lr 3e-4 --lr-schedule
   cosine --feature-weight 0``; ``tucker10``: the same recipe at 600 steps;
 * ``rlfn0`` / ``fmen0`` (training-free) and ``rlfn10`` / ``fmen10`` (~10 min): the NTIRE 2022 RLFN and FMEN

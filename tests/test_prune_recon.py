@@ -133,7 +133,7 @@ def test_refit_without_is_the_least_squares_fit_on_the_kept_inputs(cin, cout, k,
     sol = torch.linalg.lstsq(design, y).solution                            # [|K| (+1), O]
     want = torch.zeros_like(conv.weight)
     want[:, kept] = sol[:len(idx)].T.reshape(cout, len(kept), k, k)
-    scale = float(conv.weight.abs().max())
+    scale = float(conv.weight.detach().abs().max())
     assert float((w - want).abs().max()) <= 1e-8 * scale
     if bias:
         assert float((b - sol[-1]).abs().max()) <= 1e-8 * scale
