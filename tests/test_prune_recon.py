@@ -271,7 +271,7 @@ def test_greedy_cost_equals_the_least_squares_error_increase():
     conv = nn.Conv2d(5, 3, 3, padding=1).double()
     x = torch.randn(6, 5, 8, 8, dtype=torch.float64)
     st_ = Calibration(x, batch_size=3).collect(nn.Sequential(conv), ["0"])["0"]
-    y = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    y = F.conv2d(x, conv.weight, conv.bias, padding=1).detach()
     g = _GreedyLS(st_, {c: [c] for c in range(5)}, ridge=0.0)
     costs = g.costs([[c] for c in range(5)])
     for c in range(5):       # brute force: least squares without channel c, residual / ||Y||^2
