@@ -147,6 +147,22 @@ def test_resume_after_interruption_gives_identical_weights(full_run, tiny, monke
     assert ra == rb
 
 
+def test_ema_decay_reaches_every_fine_tune(tiny, full_run, tmp_path):
+    """``--ema-decay`` is passed to each distillation (repify, both pruning rounds, Tucker): the run logs and
+    records it per fine-tune, and its student differs from the same run without it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema"
+    assert cli.main(_argv(tiny, out, "--ema-decay", "0.5")) == 0
+    log = (out / "log.txt").read_text()
+    assert log.count("weight average (EMA decay 0.5)") == 4, log
+    repify = json.loads((out / "stages" / "1_repify.json").read_text())
+    assert json.dumps(repify).count('"ema_decay": 0.5') >= 1
+    a = load_file(str(full_run / "student.safetensors"))
+    b = load_file(str(out / "student.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("change, expected", [
     (("--model", "srcnn"), "--model"),
