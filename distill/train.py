@@ -5,8 +5,9 @@ DistributedDataParallel, shards a Dataset with a DistributedSampler (``batch_siz
 progress bar named ``desc`` on rank 0 (:func:`reparam.utils.progress.progress`: plain lines when stderr is not a
 terminal) and writes checkpoints from rank 0 only. Checkpoints hold tensors and plain values only
 (``torch.load(..., weights_only=True)``): the trainable module's ``state_dict`` (student + adapters), the optimizer
-and scheduler states, the weight average (``ema_decay``), the step and the loss history; they are written atomically every ``checkpoint_every``
-steps, at the end, and on ``KeyboardInterrupt``; with ``resume=True`` a later call continues from the saved step.
+and scheduler states, the weight average (``ema_decay``), the step and the loss history; they are written
+atomically every ``checkpoint_every`` steps, at the end, and on ``KeyboardInterrupt``; with ``resume=True`` a later
+call continues from the saved step.
 
 Resuming is exact: when ``data`` is a dataset, the sampler is fast-forwarded past the batches already trained on
 (whole epochs are drawn and dropped, so a seeded sampler's generator ends where it would have been, and the
