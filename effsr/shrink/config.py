@@ -155,8 +155,12 @@ class ShrinkConfig:
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
-        if self.ema_decay is not None and (not is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
-            raise ValueError(f"--ema-decay must be a number in (0, 1), got {self.ema_decay!r}")
+        from distill.ema import check_ema_decay  # the one rule train_steps applies
+
+        try:
+            check_ema_decay(self.ema_decay)
+        except ValueError:
+            raise ValueError(f"--ema-decay must be a number in (0, 1), got {self.ema_decay!r}") from None
         if not is_number(self.verify_tolerance) or self.verify_tolerance <= 0:
             raise ValueError(f"verify_tolerance must be a number > 0, got {self.verify_tolerance!r}")
         if not is_int(self.seed):
