@@ -11,7 +11,7 @@ from numbers import Real
 
 from torch import nn
 
-__all__ = ["input_range", "DEFAULT_INPUT_RANGE"]
+__all__ = ["input_range", "declared_input_range", "DEFAULT_INPUT_RANGE"]
 
 #: The range of a network that declares no ``input_range``.
 DEFAULT_INPUT_RANGE = 1.0
@@ -20,7 +20,16 @@ DEFAULT_INPUT_RANGE = 1.0
 def input_range(model: nn.Module, argname: str = "model") -> float:
     """``model.input_range`` as a float (``DEFAULT_INPUT_RANGE`` when absent); ``ValueError`` naming
     ``argname`` when it is not a finite number > 0."""
-    r = getattr(model, "input_range", DEFAULT_INPUT_RANGE)
+    r = declared_input_range(model, argname)
+    return DEFAULT_INPUT_RANGE if r is None else r
+
+
+def declared_input_range(model: nn.Module, argname: str = "model") -> float | None:
+    """``model.input_range`` as a float, or None when the network declares none; ``ValueError`` naming
+    ``argname`` when it is not a finite number > 0."""
+    r = getattr(model, "input_range", None)
+    if r is None:
+        return None
     if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(float(r)) or float(r) <= 0:
         raise ValueError(f"{argname}.input_range must be a finite number > 0, got {r!r}")
     return float(r)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -31,8 +30,9 @@ __all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_jso
            "HelpFormatter", "model_help"]
 
 
-from .cli_core import (COMMANDS, CLIError, Command, HelpFormatter, command, error_line,  # noqa: E402
+from .cli_core import (COMMANDS, CLIError, HelpFormatter, command, error_line,  # noqa: E402
                        model_help)
+from .cli_model import add_model_args, model_label, open_model  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ utilities
@@ -92,38 +92,6 @@ def _model_names() -> list[str]:
     return list(models.names())
 
 
-def _check_model_name(name: str) -> None:
-    names = _model_names()
-    if name not in names:
-        raise CLIError(f"unknown model {name!r}; choose from {', '.join(names)}")
-
-
-def _build_model(name: str) -> Any:
-    from . import models
-
-    _check_model_name(name)
-    try:
-        return models.build(name)
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"cannot build {name}: {error_line(exc)}") from exc
-
-
-def load_model(name: str, weights: str) -> Any:
-    from . import models
-
-    _check_model_name(name)
-    path = Path(weights)
-    if not path.exists():
-        raise CLIError(f"weights file not found: {weights}")
-    if not path.is_file():
-        raise CLIError(f"weights path is not a file: {weights}")
-    try:
-        return models.load(name, path)
-    except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise CLIError(f"cannot load {weights} as {name}: {error_line(exc)}") from exc
-
-
-
 def open_data(spec: str, scale: int) -> Any:
     from . import data
 
@@ -140,10 +108,6 @@ def open_data(spec: str, scale: int) -> Any:
     if len(pairs) == 0:
         raise CLIError(f"no images found in {spec}")
     return pairs
-
-
-def _load_for_run(args: argparse.Namespace) -> Any:
-    return load_model(args.model, args.weights) if args.weights else _build_model(args.model)
 
 
 class StagedDir:
@@ -177,8 +141,11 @@ class StagedDir:
 
 # ------------------------------------------------------------------------------------------- profile
 def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, nargs="+", metavar="NAME",
-                   help=model_help("network name(s)") + ", or 'all'")
+    add_model_args(p, what="network name(s), or 'all'")
+    p.set_defaults(model=None)
+    for action in p._actions:  # several networks may be profiled side by side
+        if action.dest == "model":
+            action.nargs = "+"
     p.add_argument("--input-size", nargs=3, type=int, default=[3, 256, 256], metavar=("C", "H", "W"),
                    help="input size for the counts (default: 3 256 256, the NTIRE convention)")
     p.add_argument("--json", metavar="OUT", help="write the numbers to this JSON file (default: print only)")
@@ -190,14 +157,18 @@ def _profile(args: argparse.Namespace) -> int:
     from .metrics import format_table, profile
 
     _check_output_file(args.json, "--json")
-    names = _model_names() if args.model == ["all"] else list(dict.fromkeys(args.model))
+    specs = args.model or [None]
+    names = _model_names() if specs == ["all"] else list(dict.fromkeys(specs))
+    if len(names) > 1 and (args.model_config or args.weights):
+        raise CLIError("--model-config/--weights: profile one network at a time with them")
+    profiles = {}
     for name in names:
-        _check_model_name(name)
-    try:
-        size = tuple(args.input_size)
-        profiles = {name: profile(_build_model(name), size) for name in names}
-    except ValueError as exc:
-        raise CLIError(error_line(exc)) from exc
+        one = argparse.Namespace(**{**vars(args), "model": name})
+        net = open_model(one, weights=args.weights is not None, need_range=False)
+        try:
+            profiles[model_label(one, net)] = profile(net, tuple(args.input_size))
+        except ValueError as exc:
+            raise CLIError(error_line(exc)) from exc
     print(format_table(profiles))
     if args.json:
         if len(profiles) == 1:
@@ -211,9 +182,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def _common_run_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help=model_help())
-    p.add_argument("--weights", required=weights_required, metavar="PATH",
-                   help="checkpoint (.pth state_dict or .safetensors) for --model")
+    add_model_args(p, weights="required" if weights_required else "optional")
     p.add_argument("--data", default="default", metavar="DIR",
                    help="dataset root (HR/ + LR_bicubic/X4/), an HR-only folder, or 'default' "
                         "(scikit-image's bundled photos); default: %(default)s")
@@ -253,7 +222,8 @@ def _eval(args: argparse.Namespace) -> int:
     check_output_dir(args.save_images, "--save-images")
     _check_tile_args(args)
     device = _device(args.device)
-    model = _load_for_run(args)
+    model = open_model(args)
+    label = model_label(args, model)
     pairs = open_data(args.data, model.scale)
     with StagedDir(args.save_images) as staged:
         try:
@@ -269,9 +239,9 @@ def _eval(args: argparse.Namespace) -> int:
     for r in result["per_image"]:
         print(f"{r['name'].ljust(width)}  {r['psnr_rgb']:8.3f}  {r['psnr_y']:6.3f}  {r['ssim_y']:.4f}")
     print(f"{'mean'.ljust(width)}  {result['psnr_rgb']:8.3f}  {result['psnr_y']:6.3f}  {result['ssim_y']:.4f}"
-          f"   ({args.model}, {len(result['per_image'])} images, {args.data})")
+          f"   ({label}, {len(result['per_image'])} images, {args.data})")
     if args.json:
-        payload = {"model": args.model, "weights": str(args.weights), "data": str(args.data),
+        payload = {"model": args.model or label, "weights": str(args.weights), "data": str(args.data),
                    "tile": args.tile, "y_round": not args.y_float, "gray_channel": args.gray_channel, **result}
         write_json_atomic(args.json, payload)
     return 0
@@ -301,7 +271,8 @@ def _runtime(args: argparse.Namespace) -> int:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    model = _load_for_run(args)
+    model = open_model(args)
+    label = model_label(args, model)
     pairs = open_data(args.data, model.scale)
     try:
         images = [p.lr for p in pairs]
@@ -312,10 +283,10 @@ def _runtime(args: argparse.Namespace) -> int:
     mem = result["max_memory_mb"]
     mem_text = "n/a" if mem is None else f"{mem:.1f} MiB ({result['memory_kind']})"
     trials = ", ".join(f"{t:.1f}" for t in result["trials_ms"])
-    print(f"{args.model}: {result['ms_per_image']:.2f} ms/image on {result['device']} "
+    print(f"{label}: {result['ms_per_image']:.2f} ms/image on {result['device']} "
           f"(best of {len(result['trials_ms'])}: {trials} ms; {result['images']} images), memory {mem_text}")
     if args.json:
-        write_json_atomic(args.json, {"model": args.model, "weights": args.weights, "data": str(args.data),
+        write_json_atomic(args.json, {"model": args.model or label, "weights": args.weights, "data": str(args.data),
                                       **result})
     return 0
 

@@ -29,12 +29,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.ranges import input_range
+from distill.ranges import declared_input_range
 from reparam.utils import modules
 from reparam.utils.device import model_device, model_dtype, resolve_device
 
 __all__ = ["upscale", "evaluate", "forward", "to_tensor", "to_uint8", "model_device", "model_dtype", "eval_mode",
            "resolve_device", "input_range", "writable"]
+
+
+def input_range(model: nn.Module, argname: str = "model") -> float:
+    """The range ``[0, input_range]`` ``model`` takes and returns; ``ValueError`` naming ``argname`` when the
+    network declares none (feeding a 0-255 network 0-1 images loses 6-10 dB without an error): give it one
+    with :func:`effsr.models.wrap` (``--input-range`` on the command line)."""
+    r = declared_input_range(model, argname)
+    if r is None:
+        raise ValueError(f"{argname}: {type(model).__name__} declares no input_range; give it the range it takes and "
+                         "returns with effsr.models.wrap(module, input_range=1.0 or 255.0) (--input-range)")
+    return r
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -155,7 +166,8 @@ def upscale(model: nn.Module, lr_uint8: np.ndarray, tile: int | None = None, til
     ``device=None`` runs on the model's device. ``tile``/``tile_overlap`` are in LR pixels.
 
     >>> import numpy as np, torch
-    >>> net = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2))
+    >>> from effsr.models import wrap
+    >>> net = wrap(torch.nn.Sequential(torch.nn.Upsample(scale_factor=2)), input_range=255.0)
     >>> upscale(net, np.zeros((4, 5, 3), np.uint8)).shape
     (8, 10, 3)
     """

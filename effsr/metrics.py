@@ -63,6 +63,8 @@ from torch import nn
 
 from reparam.utils.flops import MacConvention, check_input_size, profile_macs
 
+from distill.ranges import input_range as lenient_range
+
 from .inference import (eval_mode, forward, input_range, model_dtype, on_device, resolve_device, tile_count,
                         writable)
 
@@ -136,7 +138,7 @@ def profile(model: nn.Module, input_size: Sequence[int] = (3, 256, 256), *, use_
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     size = check_input_size(input_size)
     params = count_params(model)
-    c = profile_macs(model, size, convention=CHALLENGE_CONVENTION, use_meta=use_meta, scale=input_range(model))
+    c = profile_macs(model, size, convention=CHALLENGE_CONVENTION, use_meta=use_meta, scale=lenient_range(model))
     return Profile(params=params, flops=c.macs, activations=c.activations, convs=c.convs, aten_flops=c.aten_flops,
                    input_size=size)
 

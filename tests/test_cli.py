@@ -192,7 +192,7 @@ def test_eval_missing_weights_and_data(tmp_path, capsys, rfdn_weights):
     out = tmp_path / "r.json"
     code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(tmp_path / "none.pth"),
                         "--data", str(tmp_path), "--json", str(out))
-    assert code == 2 and "weights file not found" in _error_line(err)
+    assert code == 2 and "--weights: file not found" in _error_line(err)
     code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", str(rfdn_weights),
                         "--data", str(tmp_path / "missing"), "--json", str(out))
     assert code == 2 and "data not found" in _error_line(err)

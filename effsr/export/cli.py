@@ -4,19 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from effsr.cli_core import CLIError, command
+from effsr.cli_model import add_model_args, open_model
 
 __all__: list[str] = []
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help="network name (effsr.models)")
-    p.add_argument("--weights", required=True, metavar="PATH",
-                   help="checkpoint (.pth/.safetensors), or a student written by `effsr shrink` (recipe inside)")
+    add_model_args(p, weights="required")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: <arch>.onnx, <arch>.int8.onnx, "
                                                               "export.json")
     p.add_argument("--eval-data", action="append", default=None, metavar="DIR",
@@ -103,7 +101,7 @@ def _keep_fp32(spec: str | None) -> str | list[str]:
 
 def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's work; returns (exit code, report). Files appear in ``--out`` only on success."""
-    from effsr.cli import load_model, open_data, StagedDir, write_json_atomic
+    from effsr.cli import open_data, StagedDir, write_json_atomic
 
     from . import quantize as q
     from .onnx import prepare
@@ -113,7 +111,7 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     _check_args(args)
     keep = _keep_fp32(args.keep_fp32) if args.int8 else []
     op_types = [s.strip() for s in args.op_types.split(",") if s.strip()] if args.op_types else None
-    model = load_model(args.model, args.weights)
+    model = open_model(args)
     try:
         net = prepare(model)
     except (ValueError, TypeError) as err:

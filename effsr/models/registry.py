@@ -17,7 +17,7 @@ from .rfdn import RFDN, RFDNPruned
 from .rlfn import RLFN
 
 __all__ = ["NETWORKS", "names", "build", "load", "read_state_dict", "check_state_dict", "CheckpointMismatchError",
-           "LOADERS", "register_loader"]
+           "LOADERS", "register_loader", "read_state_dict_with_key"]
 
 NETWORKS: dict[str, type[SRNet]] = {
     "rfdn": RFDN,
@@ -96,12 +96,21 @@ def build(name: str, conv: Any = "conv", **config: Any) -> SRNet:
     return model
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike[str], key: str | None = None) -> dict[str, Tensor]:
     """The tensors of a ``.pth``/``.pt`` (``torch.load(..., weights_only=True)``) or ``.safetensors`` file.
 
-    A single wrapper dict (``{"params": sd}``, ``{"state_dict": sd}``, ...) is unwrapped, and a ``module.``
-    prefix shared by every key (``DataParallel``) is stripped.
+    A wrapper dict (``{"params_ema": sd, "params": sd}``, ``{"state_dict": sd}``, ...) is unwrapped: ``key``
+    chooses the entry, else the first of :data:`WRAPPER_KEYS` it holds. A ``module.`` prefix shared by
+    every key (``DataParallel``) is stripped.
     """
+    return read_state_dict_with_key(path, key)[0]
+
+
+def read_state_dict_with_key(path: str | os.PathLike[str], key: str | None = None
+                             ) -> tuple[dict[str, Tensor], str | None]:
+    """:func:`read_state_dict` and the wrapper key it was found under (None: a plain state_dict)."""
+    if key is not None and (not isinstance(key, str) or not key):
+        raise TypeError(f"key must be a non-empty str, got {key!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {path}")
@@ -117,17 +126,25 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
             raise ValueError(f"path: cannot read {path} as a weights-only torch checkpoint: {err}") from err
-    if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
-        for key in WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
+    found = None
+    if key is not None:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get(key), Mapping):
+            keys = [str(k) for k, v in obj.items() if isinstance(v, Mapping)] if isinstance(obj, Mapping) else []
+            raise ValueError(f"key: {path} has no state_dict under {key!r} (dict entries: "
+                             f"{', '.join(keys) or 'none'})")
+        obj, found = obj[key], key
+    elif isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
+        for name in WRAPPER_KEYS:
+            if isinstance(obj.get(name), Mapping):
+                obj, found = obj[name], name
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"path: {path} does not hold a state_dict (a mapping of names to tensors)")
+        raise ValueError(f"path: {path} does not hold a state_dict (a mapping of names to tensors)"
+                         + ("" if key else "; name its key with --weights-key / weights_key="))
     sd = {str(k): v for k, v in obj.items()}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return sd, found
 
 
 def _listing(items: list[str], limit: int = 12) -> str:

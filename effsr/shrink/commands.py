@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from effsr.cli_core import CLIError, command, error_line, model_help
+from effsr.cli_core import CLIError, command, error_line
+from effsr.cli_model import add_model_args, model_config
 
 from .config import CALIB_PATCH, CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, TUCKER_REFINE
 
@@ -13,10 +14,7 @@ __all__: list[str] = []
 
 
 def _shrink_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help=model_help("teacher network"))
-    p.add_argument("--weights", required=True, metavar="PATH", help="teacher checkpoint (.pth or .safetensors)")
-    p.add_argument("--model-config", default=None, metavar="JSON",
-                   help='width/depth of the teacher checkpoint if not the official one, e.g. \'{"nf": 24}\'')
+    add_model_args(p, model_required=True, weights="required", what="teacher network")
     p.add_argument("--train-data", required=True, metavar="DIR",
                    help="training images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image photos)")
     p.add_argument("--eval-data", required=True, action="append", metavar="DIR",
@@ -108,18 +106,9 @@ def _patch_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
-def _model_config(text: str | None) -> dict:
-    import json
-
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CLIError(f"--model-config: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise CLIError(f"--model-config: expected a JSON object like '{{\"nf\": 24}}', got {text!r}")
-    return value
+def _run_name(model: str) -> str:
+    """A folder name for ``--model``: the zoo name, or the class/factory of a user's network."""
+    return model.rsplit(":", 1)[-1] if ":" in model else model
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
@@ -146,14 +135,15 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
 
     cfg = ShrinkConfig(
         model=args.model, weights=args.weights, train_data=args.train_data, eval_data=list(args.eval_data),
-        out=args.out or f"runs/shrink_{args.model}", prune=args.prune, prune_steps=args.prune_steps,
+        out=args.out or f"runs/shrink_{_run_name(args.model)}", prune=args.prune, prune_steps=args.prune_steps,
         tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
         patch_size=args.patch_size, lr=args.lr, lr_schedule=args.lr_schedule, feature_weight=args.feature_weight,
         ema_decay=args.ema_decay, channels_last=args.channels_last, device=args.device,
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,
-        progress=not args.no_progress, model_config=_model_config(args.model_config), y_round=not args.y_float,
+        progress=not args.no_progress, model_config=model_config(args.model_config), y_round=not args.y_float,
+        input_range=args.input_range, scale=args.scale, weights_key=args.weights_key,
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
         method=args.method, importance=args.importance, calib_images=args.calib_images,
         calib_patch=args.calib_patch, calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine,
@@ -255,9 +245,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _frontier_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help=model_help("teacher network"))
-    p.add_argument("--weights", required=True, metavar="PATH", help="teacher checkpoint (.pth or .safetensors)")
-    p.add_argument("--model-config", default=None, metavar="JSON", help="width/depth of a non-official teacher")
+    add_model_args(p, model_required=True, weights="required", what="teacher network")
     p.add_argument("--calib-data", required=True, metavar="DIR",
                    help="calibration images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image photos)")
     p.add_argument("--eval-data", required=True, action="append", metavar="DIR",
@@ -306,7 +294,8 @@ def _frontier(args: argparse.Namespace) -> int:
                          resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
                          runtime_trials=args.runtime_trials, max_eval_images=args.max_eval_images,
                          y_round=not args.y_float, progress=not args.no_progress,
-                         model_config=_model_config(args.model_config))
+                         model_config=model_config(args.model_config), input_range=args.input_range,
+                         scale=args.scale, weights_key=args.weights_key)
     try:
         cfg.validate()
     except (ValueError, TypeError) as err:

@@ -17,7 +17,7 @@ challenge convention of :func:`effsr.metrics.profile`, ``<=``).
 """
 from __future__ import annotations
 
-from distill.ranges import input_range as model_input_range
+from effsr.inference import input_range as model_input_range
 
 import copy
 import math

@@ -28,7 +28,7 @@ COSINE_FLOOR = 0.05
 
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
-_ADDED_OFF: dict[str, Any] = {"ema_decay": None}
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "input_range": None, "scale": None, "weights_key": None}
 
 __all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
 
@@ -99,6 +99,12 @@ class ShrinkConfig:
     tucker_min_channels: int = 16
     progress: bool = True
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a user's network (``model`` = ``file.py:Class`` / ``module:factory``): the range it takes and returns
+    #: (required unless it declares one), its scale (measured; checked when given) and the checkpoint's
+    #: wrapper key (found automatically when None)
+    input_range: float | None = None
+    scale: int | None = None
+    weights_key: str | None = None
     #: write a mid-stage checkpoint every N distillation steps (and always when interrupted)
     checkpoint_every: int = 50
     #: PSNR-Y/SSIM-Y on integer Y (the NTIRE/MATLAB convention); False: unrounded Y (``--y-float``)
@@ -121,8 +127,26 @@ class ShrinkConfig:
         """Raise ``ValueError``/``TypeError`` naming the argument for any invalid setting; returns self."""
         from effsr import models
 
-        if not isinstance(self.model, str) or self.model not in models.names():
-            raise ValueError(f"--model: unknown model {self.model!r}; choose from {', '.join(models.names())}")
+        if not isinstance(self.model, str):
+            raise TypeError(f"--model must be a str, got {type(self.model).__name__}")
+        if models.is_user_spec(self.model):
+            if check_files:
+                try:
+                    models.parse_model(self.model)
+                except ValueError as err:
+                    raise ValueError("--" + str(err)) from None
+            if self.repify is not None or float(self.prune) > 0 or self.tucker is not None:
+                raise ValueError("--repify/--prune/--tucker: the weight-norm recipe rebuilds zoo networks only; "
+                                 "give a user's network a budget (--target-params or --target-flops)")
+        elif self.model not in models.names():
+            raise ValueError(f"--model: unknown model {self.model!r}; choose from {', '.join(models.names())}, or "
+                             "name your own as path/to/file.py:Class or package.module:factory")
+        if self.input_range is not None and (not is_number(self.input_range) or not float(self.input_range) > 0):
+            raise ValueError(f"--input-range must be a number > 0, got {self.input_range!r}")
+        if self.scale is not None and (not is_int(self.scale) or self.scale < 1):
+            raise ValueError(f"--scale must be an int >= 1, got {self.scale!r}")
+        if self.weights_key is not None and (not isinstance(self.weights_key, str) or not self.weights_key):
+            raise ValueError(f"--weights-key must be a non-empty string, got {self.weights_key!r}")
         if not is_number(self.prune) or not 0.0 <= float(self.prune) < 1.0:
             raise ValueError(f"--prune: the ratio of filters to remove must be in [0, 1), got {self.prune!r}")
         if not is_int(self.prune_steps) or self.prune_steps < 1:

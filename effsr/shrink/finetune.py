@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable
 
 from distill.optim import MAX_RELATIVE_STEP
-from distill.ranges import input_range as model_input_range
+from effsr.inference import input_range as model_input_range
 
 from torch import nn
 

@@ -13,7 +13,7 @@ the plot and the table, and a warning in the log: never silent. Every point's st
 """
 from __future__ import annotations
 
-from distill.ranges import input_range as model_input_range
+from effsr.inference import input_range as model_input_range
 
 import csv
 import dataclasses
@@ -63,10 +63,27 @@ class FrontierConfig:
     y_round: bool = True
     progress: bool = True
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a user's network: see :class:`effsr.shrink.ShrinkConfig`
+    input_range: float | None = None
+    scale: int | None = None
+    weights_key: str | None = None
+
+    def shrink_config(self, out: str) -> "ShrinkConfig":  # noqa: F821 - imported lazily
+        """The :class:`~effsr.shrink.ShrinkConfig` naming the same teacher, data and calibration."""
+        from .config import ShrinkConfig
+
+        return ShrinkConfig(model=self.model, weights=self.weights, train_data=self.calib_data,
+                            eval_data=list(self.eval_data), out=out, device=self.device,
+                            max_eval_images=self.max_eval_images, peers=self.peers, peers_dir=self.peers_dir,
+                            runtime_trials=self.runtime_trials, model_config=self.model_config,
+                            tucker_min_channels=self.tucker_min_channels, seed=self.seed,
+                            calib_images=self.calib_images, calib_rows=self.calib_rows,
+                            calib_patch=self.calib_patch, tucker_refine=self.tucker_refine,
+                            importance=self.importance, input_range=self.input_range, scale=self.scale,
+                            weights_key=self.weights_key)
 
     def validate(self) -> "FrontierConfig":
         from .compress import IMPORTANCES
-        from .config import ShrinkConfig
 
         if not self.budgets:
             raise ValueError("--budgets: give at least one fraction")
@@ -89,14 +106,7 @@ class FrontierConfig:
                              "choose another folder")
         # the rest (model, weights, data folders, device, out's parent) as effsr shrink checks them
         try:
-            ShrinkConfig(model=self.model, weights=self.weights, train_data=self.calib_data,
-                         eval_data=list(self.eval_data), out=str(out / ".check"), device=self.device,
-                         max_eval_images=self.max_eval_images, peers=self.peers, peers_dir=self.peers_dir,
-                         runtime_trials=self.runtime_trials, model_config=self.model_config,
-                         tucker_min_channels=self.tucker_min_channels, seed=self.seed,
-                         calib_images=self.calib_images, calib_rows=self.calib_rows,
-                         calib_patch=self.calib_patch,
-                         tucker_refine=self.tucker_refine, importance=self.importance).validate()
+            self.shrink_config(str(out / ".check")).validate()
         except ValueError as err:
             raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
         return self
@@ -106,6 +116,7 @@ class FrontierConfig:
                 "importance",
                 "tucker_min_channels", "seed", "y_round", "model_config", "max_eval_images")
         d = {k: getattr(self, k) for k in keep}
+        d.update({k: getattr(self, k) for k in ("input_range", "scale", "weights_key") if getattr(self, k) is not None})
         d["weights"] = str(Path(self.weights).resolve())
         d["eval_data"] = [str(Path(e).resolve()) if e != "default" else e for e in self.eval_data]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -162,9 +173,8 @@ def _write(out: Path, doc: dict[str, Any]) -> None:
 def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
     """Compute (or, with ``cfg.resume``, complete) the frontier in ``cfg.out``; returns the document."""
     from . import compress
-    from .config import ShrinkConfig
     from .inputs import open_eval_sets, open_train_pairs
-    from .recipe import add_op, new_recipe, save_student
+    from .recipe import add_op, recipe_for, save_student
     from .report import PUBLISHED, bicubic, measure
     from .runner import load_teacher
 
@@ -172,9 +182,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    shrink_cfg = ShrinkConfig(model=cfg.model, weights=cfg.weights, train_data=cfg.calib_data,
-                              eval_data=list(cfg.eval_data), out=str(out), model_config=cfg.model_config,
-                              peers=cfg.peers, peers_dir=cfg.peers_dir)
+    shrink_cfg = cfg.shrink_config(str(out))
     teacher = load_teacher(shrink_cfg).to(device).eval()
     n_teacher = sum(p.numel() for p in teacher.parameters())
     targets = {_key(m, f): int(math.floor(f * n_teacher)) for m in cfg.methods for f in cfg.budgets}
@@ -213,7 +221,7 @@ def run_frontier(cfg: FrontierConfig) -> dict[str, Any]:
                                "rows": cfg.calib_rows, "tucker_refine": cfg.tucker_refine}}
         _write(out, doc)
     todo = [(m, f) for m in cfg.methods for f in cfg.budgets if _key(m, f) not in doc["points"]]
-    base_recipe = new_recipe(teacher.arch, dict(teacher.config))
+    base_recipe = recipe_for(teacher)
     for i, (m, f) in enumerate(todo, 1):
         k = _key(m, f)
         _log(out, f"frontier [{i}/{len(todo)}] {m} to {f:g} of the teacher (<= {targets[k]:,} params) ...")

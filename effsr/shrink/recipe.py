@@ -31,7 +31,7 @@ from reparam.utils.modules import replace_module
 
 __all__ = [
     "FORMAT", "METADATA_KEY", "new_recipe", "add_op", "build_from_recipe", "save_student", "load_student",
-    "read_recipe", "has_recipe", "tucker_ranks", "load_hook",
+    "read_recipe", "has_recipe", "tucker_ranks", "load_hook", "recipe_for",
 ]
 
 FORMAT = "effsr.shrink/1"
@@ -49,11 +49,34 @@ def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def new_recipe(arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A recipe with no ops: ``effsr.models.build(arch, **config)``."""
+def new_recipe(arch: str, config: Mapping[str, Any], source: Mapping[str, Any] | None = None,
+               input_range: float | None = None, scale: int | None = None) -> dict[str, Any]:
+    """A recipe with no ops: ``effsr.models.build(arch, **config)``, or, with ``source`` (a user's network,
+    :class:`effsr.models.NetworkSource` as a dict), that network built from its file or module with its
+    ``input_range`` and ``scale``."""
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a network name, got {arch!r}")
-    return {"format": FORMAT, "arch": arch, "config": _plain_config(config), "ops": []}
+    recipe: dict[str, Any] = {"format": FORMAT, "arch": arch, "config": _plain_config(config), "ops": []}
+    if source is not None:
+        from effsr.models.user import NetworkSource
+
+        if input_range is None or scale is None:
+            raise ValueError("input_range and scale are required with source")
+        recipe.update(source=NetworkSource.from_dict(source).to_dict(), input_range=float(input_range),
+                      scale=int(scale))
+    return recipe
+
+
+def recipe_for(model: nn.Module) -> dict[str, Any]:
+    """The recipe with no ops of a zoo network or a user's network built by :func:`effsr.models.open_model`."""
+    from effsr.models.user import source_of
+
+    src = source_of(model)
+    config = dict(getattr(model, "config", {}) or {})
+    if src is None:
+        return new_recipe(model.arch, config)
+    return new_recipe(model.arch, src.kwargs, source=src.to_dict(), input_range=float(model.input_range),
+                      scale=int(model.scale))
 
 
 def add_op(recipe: Mapping[str, Any], op: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,6 +98,8 @@ def _check_recipe(recipe: Any) -> dict[str, Any]:
     for key in ("arch", "config", "ops"):
         if key not in recipe:
             raise ValueError(f"recipe: missing key {key!r}")
+    if "source" in recipe and ("input_range" not in recipe or "scale" not in recipe):
+        raise ValueError("recipe: a recipe with a source needs input_range and scale")
     for i, op in enumerate(recipe["ops"]):
         if not isinstance(op, Mapping) or op.get("op") not in OPS:
             raise ValueError(f"recipe: ops[{i}] is not one of {OPS}: {op!r}")
@@ -140,19 +165,43 @@ def _replay(model: nn.Module, op: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"recipe: unknown op {kind!r}")  # pragma: no cover - _check_recipe rejects it
 
 
-def build_from_recipe(recipe: Mapping[str, Any] | str) -> nn.Module:
+def _build_source(recipe: Mapping[str, Any], location: str | None) -> nn.Module:
+    """The user's network a recipe starts from, from its recorded file/module (or ``location``, a
+    ``file.py:Class`` naming where that code is now); its SHA-256 must match the recorded one."""
+    from effsr.models.user import NetworkSource, build_network, parse_model
+
+    src = NetworkSource.from_dict(recipe["source"])
+    spec = src.spec
+    if location is not None:
+        kind, where, attr = parse_model(location)
+        if attr != src.attr:
+            raise ValueError(f"model: the student was made from {src.attr!r}, not {attr!r}")
+        spec = f"{where}:{attr}"
+    elif src.kind == "file" and not os.path.isfile(src.location):
+        raise ValueError(f"model: the student's network code {src.location} is not there any more; name where "
+                         f"it is now with --model NEW/PATH.py:{src.attr}")
+    return build_network(spec, src.kwargs, expect_sha256=src.sha256)
+
+
+def build_from_recipe(recipe: Mapping[str, Any] | str, location: str | None = None) -> nn.Module:
     """A freshly built network with the recipe's ops replayed (random weights; load a state_dict next).
 
     The result carries ``recipe`` as an attribute, besides ``arch``/``scale``/``input_range``/``config``.
+    ``location``: for a recipe of a user's network, ``path/to/file.py:Class`` where its code is now.
     """
     from effsr import models
 
     recipe = _check_recipe(recipe)
     torch_state = torch.random.get_rng_state()
     try:  # building initialises weights: do not disturb the caller's RNG stream
-        model = models.build(recipe["arch"], **recipe["config"])
+        if "source" in recipe:
+            model = _build_source(recipe, location)
+        else:
+            model = models.build(recipe["arch"], **recipe["config"])
         for op in recipe["ops"]:
             model = _replay(model, op)
+        if "source" in recipe:
+            model = models.wrap(model, input_range=float(recipe["input_range"]), scale=int(recipe["scale"]))
     finally:
         torch.random.set_rng_state(torch_state)
     model.recipe = copy.deepcopy(recipe)
@@ -217,14 +266,21 @@ def has_recipe(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def load_hook(name: str, path: str | os.PathLike[str]) -> nn.Module | None:
-    """For ``effsr.models.load(name, path)``: the shrunk student at ``path`` if the file has a recipe, else None.
+def load_hook(name: str | None, path: str | os.PathLike[str]) -> nn.Module | None:
+    """For ``effsr.models.load(name, path)`` / ``open_model``: the shrunk student at ``path`` if the file has a
+    recipe, else None. ``name`` None accepts any student; a ``file.py:Class`` name is where the student's
+    network code is now (see :func:`build_from_recipe`).
 
     Raises ``ValueError`` when the student's architecture is not ``name``.
     """
+    from effsr.models.user import is_user_spec
+
     if not has_recipe(path):
         return None
-    model = load_student(path)
+    location = name if is_user_spec(name) else None
+    model = load_student(path, location=location)
+    if name is None or location is not None:
+        return model
     if not isinstance(name, str) or model.arch != name.lower():
         raise ValueError(f"name: {os.fspath(path)} holds a shrunk {model.arch!r} network (effsr shrink "
                          f"student), not {name!r}; load it with name={model.arch!r}")
@@ -234,8 +290,10 @@ def load_hook(name: str, path: str | os.PathLike[str]) -> nn.Module | None:
 register_loader(load_hook)  # effsr.models.load reads shrunk students through this
 
 
-def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the student saved at ``path`` (recipe replay + strict weight loading), in eval mode."""
+def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                 location: str | None = None) -> nn.Module:
+    """Rebuild the student saved at ``path`` (recipe replay + strict weight loading), in eval mode.
+    ``location``: see :func:`build_from_recipe`."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -244,7 +302,7 @@ def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu
     recipe = read_recipe(path)
     if recipe is None:
         raise ValueError(f"path: {path} has no '{METADATA_KEY}' metadata (not written by effsr shrink)")
-    model = build_from_recipe(recipe)
+    model = build_from_recipe(recipe, location)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 - header readable but the tensors are cut off

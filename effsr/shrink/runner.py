@@ -123,22 +123,30 @@ def _remove_empty(folder: Path) -> None:
 
 
 def load_teacher(cfg: ShrinkConfig) -> nn.Module:
-    """The teacher of ``cfg``: an official checkpoint through ``effsr.models.load``, or a fused-only recipe."""
+    """The teacher of ``cfg``: a zoo checkpoint or a user's network through ``effsr.models.open_model``, or a
+    fused-only recipe."""
     from effsr import models
 
     from .recipe import has_recipe
 
     if has_recipe(cfg.weights):
-        teacher = load_student(cfg.weights)
-        if teacher.arch != cfg.model:
+        teacher = load_student(cfg.weights, location=cfg.model if models.is_user_spec(cfg.model) else None)
+        if not models.is_user_spec(cfg.model) and teacher.arch != cfg.model:
             raise ValueError(f"--weights: {cfg.weights} is a shrunk {teacher.arch!r}, not {cfg.model!r}")
         if any(op["op"] != "fuse" for op in teacher.recipe["ops"]):
             raise ValueError(f"--weights: {cfg.weights} is a shrunk student; its recipe cannot be shrunk again "
                              "(pass the original teacher checkpoint)")
         return teacher
     try:
-        return models.load(cfg.model, cfg.weights, **cfg.model_config)
+        return models.open_model(cfg.model, cfg.weights, config=cfg.model_config or None,
+                                 input_range=cfg.input_range, scale=cfg.scale, weights_key=cfg.weights_key)
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        text = str(err)
+        if text.startswith(("input_range", "scale", "weights_key", "config", "model")):
+            arg = text.split(":", 1)[0].split(" ", 1)[0]
+            flag = {"input_range": "--input-range", "scale": "--scale", "weights_key": "--weights-key",
+                    "config": "--model-config", "model": "--model"}.get(arg, arg)
+            raise ValueError(flag + text[len(arg):]) from err
         raise ValueError(f"--weights: cannot load {cfg.weights} as {cfg.model}: {err}") from err
 
 

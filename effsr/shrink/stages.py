@@ -18,7 +18,7 @@ from torch import nn
 from .compress import stage_compress, stage_distill
 from .config import ShrinkConfig
 from .finetune import distill_finetune
-from .recipe import add_op, load_student, new_recipe, save_student, tucker_ranks
+from .recipe import add_op, load_student, recipe_for, save_student, tucker_ranks
 from .state import RunState, count_params, has_rep_blocks, training_form
 from .verify import verify_same
 
@@ -66,7 +66,7 @@ def stage_teacher(state: RunState) -> dict[str, Any]:
     teacher = state.teacher
     state.student = copy.deepcopy(teacher)
     config = {k: v for k, v in teacher.config.items()}
-    state.recipe = new_recipe(teacher.arch, config)
+    state.recipe = recipe_for(teacher)
     info: dict[str, Any] = {"params": count_params(teacher), "arch": teacher.arch, "config": config}
     if state.main:
         info["eval"] = evaluate_all(state, teacher, state.teacher_label)

@@ -1,7 +1,7 @@
 """``RunState``: what the stages of a shrink run share, and small helpers on models the stages use."""
 from __future__ import annotations
 
-from distill.ranges import input_range as model_input_range
+from effsr.inference import input_range as model_input_range
 
 import dataclasses
 from pathlib import Path
