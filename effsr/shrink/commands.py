@@ -66,6 +66,9 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="distil with weights and batches in channels-last (NHWC) memory format, faster on CPU "
                         "(default: on; --no-channels-last: NCHW)")
+    p.add_argument("--feature-layers", default="auto", metavar="auto|none|NAME,NAME",
+                   help="feature distillation points: auto (the zoo's B1..Bn blocks; a user's network: its "
+                        "repeated blocks), none (output only) or comma-separated module names")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
     p.add_argument("--ema-decay", type=float, default=None, metavar="D",
@@ -106,6 +109,19 @@ def _patch_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
+def _feature_layers(text: str) -> list[str] | None:
+    """``--feature-layers``: ``auto`` (None), ``none`` ([]) or comma-separated names."""
+    key = text.strip().lower()
+    if key == "auto":
+        return None
+    if key == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CLIError(f"--feature-layers: expected auto, none or module names, got {text!r}")
+    return names
+
+
 def _run_name(model: str) -> str:
     """A folder name for ``--model``: the zoo name, or the class/factory of a user's network."""
     return model.rsplit(":", 1)[-1] if ":" in model else model
@@ -138,6 +154,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         out=args.out or f"runs/shrink_{_run_name(args.model)}", prune=args.prune, prune_steps=args.prune_steps,
         tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
         patch_size=args.patch_size, lr=args.lr, lr_schedule=args.lr_schedule, feature_weight=args.feature_weight,
+        feature_layers=_feature_layers(args.feature_layers),
         ema_decay=args.ema_decay, channels_last=args.channels_last, device=args.device,
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,

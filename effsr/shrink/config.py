@@ -28,7 +28,7 @@ COSINE_FLOOR = 0.05
 
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
-_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "input_range": None, "scale": None, "weights_key": None}
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "input_range": None, "scale": None, "weights_key": None, "feature_layers": None}
 
 __all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
 
@@ -83,6 +83,10 @@ class ShrinkConfig:
     #: 1.6x faster per step (``benchmarks/train_speed.py``), the same values up to float rounding
     channels_last: bool = True
     feature_weight: float = 0.1
+    #: feature distillation points (module names in teacher and student): None = chosen automatically (the
+    #: zoo's B1..Bn blocks; a user's network: its repeated blocks, :func:`distill.blocks.block_layers`);
+    #: ``[]`` = output only
+    feature_layers: list[str] | None = None
     #: distil toward an exponential moving average of the student's weights (``--ema-decay``; None: off),
     #: see :class:`distill.ema.WeightEMA`
     ema_decay: float | None = None
@@ -179,6 +183,9 @@ class ShrinkConfig:
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
+        if self.feature_layers is not None and (
+                not isinstance(self.feature_layers, list) or not all(isinstance(n, str) and n for n in self.feature_layers)):
+            raise TypeError(f"--feature-layers must be a list of module names, got {self.feature_layers!r}")
         from distill.ema import check_ema_decay  # the one rule train_steps applies
 
         try:

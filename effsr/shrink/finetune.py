@@ -14,7 +14,7 @@ from .config import COSINE_FLOOR, LR_SCHEDULES
 from .seeds import seed_everything
 from .state import RunState, training_form
 
-__all__ = ["distill_finetune", "feature_pairs", "lr_scheduler", "STOP_STEP_ENV", "stop_hook"]
+__all__ = ["distill_finetune", "feature_pairs", "feature_layers", "check_feature_layers", "lr_scheduler", "STOP_STEP_ENV", "stop_hook"]
 
 #: Test hook: ``EFFSR_SHRINK_STOP_AT_STEP=<stage>:<round>:<step>`` raises KeyboardInterrupt after distillation
 #: step ``step`` of pruning round ``round`` (0 for the other stages) of stage ``stage`` (``teacher_training``
@@ -72,6 +72,44 @@ def feature_pairs(teacher: nn.Module, student: nn.Module) -> list[str]:
     return sorted(names, key=lambda n: int(n[1:]))
 
 
+def feature_layers(state: RunState, student: nn.Module) -> tuple[list[str], str]:
+    """The feature distillation points of this run and how they were chosen: ``--feature-layers``, else the
+    zoo's B1..Bn blocks, else (a user's network) its repeated blocks at the input's resolution; none (output
+    only) when ``--feature-weight`` is 0 or no block is found."""
+    import torch
+
+    from distill.blocks import block_layers
+    from effsr.models import source_of
+
+    cfg, teacher = state.cfg, state.teacher
+    if cfg.feature_weight <= 0:
+        return [], "output only (--feature-weight 0)"
+    if cfg.feature_layers is not None:
+        return list(cfg.feature_layers), "given (--feature-layers)" if cfg.feature_layers else "output only (given)"
+    if source_of(teacher) is None:
+        return feature_pairs(teacher, student), "the network's B1..Bn blocks"
+    dev = next(teacher.parameters()).device
+    example = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev) * model_input_range(teacher)
+    names = block_layers(teacher, student, example=example)
+    if not names:
+        return [], "output only (no repeated blocks returning one feature map at the input's resolution)"
+    return names, "automatic (the network's repeated blocks)"
+
+
+def check_feature_layers(teacher: nn.Module, names: list[str] | None) -> None:
+    """``ValueError`` naming ``--feature-layers`` when a given name is not a module of ``teacher``."""
+    if not names:
+        return
+    have = dict(teacher.named_modules())
+    missing = [n for n in names if n not in have]
+    if missing:
+        import difflib
+
+        close = difflib.get_close_matches(missing[0], [n for n in have if n], n=3, cutoff=0.5)
+        raise ValueError(f"--feature-layers: the teacher has no module {missing[0]!r}"
+                         + (f" (close: {', '.join(close)})" if close else ""))
+
+
 def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int, label: str) -> dict[str, Any]:
     """Distil ``state.teacher`` into ``student`` for ``steps`` steps (block features + teacher output + GT L1).
 
@@ -92,7 +130,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     student.to(state.device).train()
     teacher = state.teacher.to(state.device)
     rng = model_input_range(teacher)
-    names = feature_pairs(teacher, student) if cfg.feature_weight > 0 else []
+    names, how = feature_layers(state, student)
     pairs = [(n, n, cfg.feature_weight / rng) for n in names]
     ds = PatchDataset(state.train_pairs, patch_size=state.patch_size, augment=True,
                       length=max(len(state.train_pairs), cfg.batch_size * state.dist.world_size), seed=seed)
@@ -111,7 +149,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
         d.close()
     student.eval()
     hist = res.history
-    info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names,
+    info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names, "feature_layers": how,
             "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
             "ema_decay": res.ema_decay}
     if res.lr_capped:
@@ -121,6 +159,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
                   f"{len(res.lr_capped)} small-weight tensor(s) (smallest: {low}, lr {res.lr_capped[low]:.2g})")
     resumed = f" (resumed at step {res.start_step})" if res.start_step else ""
     ema = f"; student = their weight average (EMA decay {res.ema_decay:g})" if res.ema_decay is not None else ""
+    state.log(f"{label}: feature distillation at {', '.join(names) or 'the output only'}: {how}")
     state.log(f"{label}: {res.step} distillation steps{resumed}, loss {info['loss_first']} -> {info['loss_last']} "
               f"({res.seconds:.1f} s){ema}")
     return info

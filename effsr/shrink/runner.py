@@ -25,6 +25,7 @@ from torch import nn
 from reparam.utils.io import write_json
 
 from .config import ShrinkConfig
+from .finetune import check_feature_layers
 from .inputs import fitting_pairs, open_eval_sets, open_train_pairs
 from .recipe import load_student, save_student
 from .seeds import seed_everything, stage_seed
@@ -165,6 +166,7 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
     device = dist_ctx.device if dist_ctx.distributed else torch.device(cfg.device)
     run_dir = Path(cfg.out)
     teacher = load_teacher(cfg).to(device).eval()
+    check_feature_layers(teacher, cfg.feature_layers)
     if cfg.data_aware:  # an unreachable budget fails here, before anything is written
         from .compress import check_budget
 
