@@ -41,6 +41,31 @@ NET_CODE = textwrap.dedent('''
         def forward(self, x):
             f = self.head(x)
             return self.up(self.tail(self.body(f) + f))
+
+
+    class DWBlock(nn.Module):
+        def __init__(self, nf):
+            super().__init__()
+            self.dw = nn.Conv2d(nf, nf, 5, padding=2, groups=nf)
+            self.pw1 = nn.Conv2d(nf, 2 * nf, 1)
+            self.pw2 = nn.Conv2d(2 * nf, nf, 1)
+
+        def forward(self, x):
+            return x + self.pw2(torch.relu(self.pw1(self.dw(x))))
+
+
+    class DWSR(nn.Module):
+        """Depthwise and 1x1 convs only, besides a 3-channel head and tail."""
+
+        def __init__(self, nf=16):
+            super().__init__()
+            self.head = nn.Conv2d(3, nf, 3, padding=1)
+            self.body = nn.Sequential(DWBlock(nf), DWBlock(nf))
+            self.tail = nn.Conv2d(nf, 48, 1)
+            self.up = nn.PixelShuffle(4)
+
+        def forward(self, x):
+            return self.up(self.tail(self.body(self.head(x))))
 ''')
 
 
@@ -121,3 +146,24 @@ def test_bad_input_one_line_nothing_written(user, tmp_path, capsys, extra, needl
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not out.exists()
+
+
+def test_tucker_reaches_a_budget_of_1x1_convs(user, capsys):
+    """A network of depthwise and 1x1 convs: the k x k convs alone cannot reach the budget, so the 1x1 convs are
+    factorised too; the student meets the budget and reloads."""
+    torch.manual_seed(3)
+    net = models.open_model(f"{user['code']}:DWSR", input_range=1.0)
+    weights = user["root"] / "dwsr.pth"
+    torch.save(net.state_dict(), weights)
+    n = sum(p.numel() for p in net.parameters())
+    argv = _argv(user, user["root"] / "run_dw", "--target-params", str(int(0.67 * n)), "--method", "tucker",
+                 "--steps", "0")
+    argv[argv.index("--model") + 1] = f"{user['code']}:DWSR"
+    argv[argv.index("--weights") + 1] = str(weights)
+    code = cli.main(argv)
+    assert code == 0, capsys.readouterr()[1]
+    comp = json.loads(next((user["root"] / "run_dw" / "stages").glob("*_compress.json")).read_text())["result"]
+    assert comp["include_1x1"] is True and comp["achieved"] <= int(0.67 * n)
+    assert any(name.endswith("pw1") or name.endswith("pw2") for name in comp["ranks"])
+    student = models.open_model(None, user["root"] / "run_dw" / "student.safetensors")
+    assert sum(p.numel() for p in student.parameters()) == comp["achieved"]

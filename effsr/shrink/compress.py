@@ -150,14 +150,15 @@ def _min_pruned(student: nn.Module, kind: str) -> float:
     return budget_of(_prune_at(student, MAX_PRUNE_RATIO), kind)
 
 
-def _tucker_min_params(student: nn.Module, min_channels: int) -> float:
-    """Parameters if every decomposable 3x3 conv went to ranks (1, 1) (the Tucker path's floor)."""
+def _tucker_min_params(student: nn.Module, min_channels: int, include_1x1: bool = False) -> float:
+    """Parameters if every decomposable conv (k x k with k > 1; also 1x1 with ``include_1x1``) went to ranks
+    (1, 1) (the Tucker path's floor)."""
     from decompose import conv_params, eligible_convs, tucker_params
 
     total = float(sum(p.numel() for p in student.parameters()))
     for _, conv in eligible_convs(student):
         cout, cin, kh, kw = conv.weight.shape
-        if conv.groups != 1 or (kh, kw) == (1, 1) or min(cin, cout) < min_channels:
+        if conv.groups != 1 or ((kh, kw) == (1, 1) and not include_1x1) or min(cin, cout) < min_channels:
             continue
         b = conv.bias is not None
         total -= conv_params(cout, cin, kh, kw, b) - tucker_params(cout, cin, kh, kw, b, 1, 1)
@@ -180,8 +181,8 @@ def check_budget(student: nn.Module, method: str, target_params: int | None, tar
     for m in methods:
         if m == "prune":
             floor = _min_pruned(student, kind)
-        elif kind == "params":
-            floor = _tucker_min_params(student, min_channels)
+        elif kind == "params":  # 1x1 convs join when the k x k convs alone cannot reach the budget
+            floor = min(_tucker_min_params(student, min_channels), _tucker_min_params(student, min_channels, True))
         else:  # a FLOPs floor needs the conv sizes: the allocation itself reports an unreachable budget
             ok.append(m)
             continue
@@ -247,13 +248,15 @@ def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str,
 def oneshot_tucker(student: nn.Module, teacher: nn.Module, calib: Any, kind: str, target: float,
                    min_channels: int = 16, progress: bool = False, refine: int = TUCKER_REFINE
                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """Data-aware Tucker-2 of ``student`` (a copy) to ``target``, fitted to ``teacher``."""
+    """Data-aware Tucker-2 of ``student`` (a copy) to ``target``, fitted to ``teacher``. The k x k convs (k > 1)
+    are decomposed; the 1x1 convs too (a low-rank factorisation) when a parameter budget is out of reach
+    without them (networks of depthwise and 1x1 convs)."""
     from decompose import data_aware_tucker_model
 
     t0 = time.perf_counter()
     kw: dict[str, Any]
     if kind == "params":
-        kw = {"target_params": int(target)}
+        kw = {"target_params": int(target), "include_1x1": target < _tucker_min_params(student, min_channels)}
     else:  # the toolkit's budget counts convs only; the rest (activations) does not change under Tucker
         other = budget_of(student, "flops") - _conv_only_flops(student)
         kw = {"target_flops": max(target - other, 1.0), "flops_fn": challenge_conv_flops,
@@ -267,7 +270,7 @@ def oneshot_tucker(student: nn.Module, teacher: nn.Module, calib: Any, kind: str
                "calib_error_before": getattr(r, "calib_error_before", None),
                "calib_error_after": getattr(r, "calib_error_after", None)} for r in report]
     info = {"method": "tucker", "ranks": tucker_ranks(dec), "layers": layers, "budget": report.budget,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "include_1x1": bool(kw.get("include_1x1", False)), "seconds": round(time.perf_counter() - t0, 3)}
     return dec.eval(), info
 
 
