@@ -173,8 +173,49 @@ def stage_tucker(state: RunState) -> dict[str, Any]:
     return info
 
 
+#: Stages whose ``eval`` result is the evaluation of the very student they leave behind.
+_STUDENT_EVALUATING_STAGES = ("compress", "distill")
+
+
+def _same_weights(a: Any, b: Any) -> bool:
+    """Whether safetensors files ``a`` and ``b`` hold the same tensors (names, shapes, dtypes, values)."""
+    from safetensors.torch import load_file
+
+    try:
+        ta, tb = load_file(str(a)), load_file(str(b))
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
+                                          and torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _final_student_eval(state: RunState, student_file: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The evaluation a stage made of exactly the student saved at ``student_file``, and that stage's name.
+
+    Only the last stage that ran before the report can have evaluated the final student, and only stages of
+    :data:`_STUDENT_EVALUATING_STAGES` evaluate the student they leave; its saved weights must also equal
+    the final student's. Otherwise ``(None, None)``: the report evaluates the student itself.
+    """
+    from .runner import StageRunner
+
+    ran = [s for s in STAGES if s.name != "report" and s.enabled(state.cfg)]
+    if not ran or ran[-1].name not in _STUDENT_EVALUATING_STAGES:
+        return None, None
+    last = ran[-1]
+    evals = (state.results.get(last.name) or {}).get("eval")
+    if not evals:
+        return None, None
+    weights, _ = StageRunner(state, stop_after="").paths(last)
+    if not _same_weights(weights, student_file):
+        return None, None
+    return evals, last.name
+
+
 def stage_report(state: RunState) -> dict[str, Any]:
-    """Save the student, reload it and check it, then profile + evaluate teacher, student, peers; write files."""
+    """Save the student, reload it and check it, then profile + evaluate teacher, student, peers; write files.
+
+    The teacher stage's evaluation of the teacher and the last stage's evaluation of the final student are
+    reused (see :func:`effsr.shrink.report.measure_all`)."""
     from . import report as rep
 
     if not state.main:
@@ -187,7 +228,8 @@ def stage_report(state: RunState) -> dict[str, Any]:
     state.log(f"student saved to {path} and reloaded identically ({count_params(reloaded):,} params)")
     stages = {s.name: state.results.get(s.name) for s in STAGES if s.name != "report"}
     teacher_eval = (stages.get("teacher") or {}).get("eval")
-    data = rep.measure_all(state, reloaded, teacher_eval)
+    student_eval, source = _final_student_eval(state, path)
+    data = rep.measure_all(state, reloaded, teacher_eval, student_eval=student_eval, student_eval_stage=source)
     data["student_file"] = str(path)
     data["reload_check"] = check
     data["stages"] = stages
