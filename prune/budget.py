@@ -34,7 +34,8 @@ from reparam import RepBlock
 from .calibration import Calibration, ConvStats, conv_kernel, write_conv_kernel
 from .core import (HISTORY_ATTR, INPUT_SHAPE_ATTR, REPORT_ATTR, choose_channels, ignored_as_names, resolve_ignored,
                    scored_groups)
-from .graph import build_graph, channel_atoms
+from .graph import GroupPruneError, build_graph, channel_atoms, prune_group
+from .structure import one_line
 from .importance import L2FilterImportance
 
 __all__ = ["prune_to_budget", "mac_count", "BudgetReport", "GroupAllocation", "DEFAULT_GRID", "ALLOCATIONS"]
@@ -623,9 +624,15 @@ def _apply(model: nn.Module, example: torch.Tensor, groups: list[_Group], remova
         root = mods[g.name]
         pruner = dg.get_pruner_of_module(root)
         fn = pruner.prune_out_channels if g.is_out else pruner.prune_in_channels
-        group = dg.get_pruning_group(root, fn, idxs)
-        if dg.check_pruning_group(group):
-            group.prune()
+        try:
+            group = dg.get_pruning_group(root, fn, idxs)
+            if dg.check_pruning_group(group):
+                prune_group(dg, group)
+        except GroupPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one clear line instead of tp's traceback
+            raise GroupPruneError(f"{g.name}: torch-pruning cannot build its group for {len(idxs)} channels "
+                                  f"({one_line(e)})") from e
     history = list(getattr(model, HISTORY_ATTR, []) or [])
     history.extend([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()])
     setattr(m, HISTORY_ATTR, history)

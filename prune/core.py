@@ -12,9 +12,11 @@ from reparam.utils.progress import progress as progress_bar
 from reparam import RepBlock
 from reparam.utils.device import model_device
 
-from .graph import SRDependencyGraph, build_graph, channel_atoms, locked_reason
+from .graph import (GroupPruneError, SRDependencyGraph, build_graph, channel_atoms, locked_reason, prune_group,
+                    verify_groups)
 from .importance import L2FilterImportance
 from ._tp_compat import reset_pruning_history
+from .structure import one_line
 from .report import FlopsFn, PruneReport, StepReport, channels_per_layer, count_flops
 from .schedule import check_ratio, check_steps, resolve_schedule
 
@@ -204,11 +206,19 @@ def l2_filter_prune(
                 report.groups = dict(initial)
                 record(0, 0.0)
             for root, fn, idxs in plan:
-                group = dg.get_pruning_group(root, fn, idxs)
-                if not dg.check_pruning_group(group):
-                    report.locked[dg.module_name(root)] = "removing these channels would empty a layer"
+                name = dg.module_name(root)
+                try:
+                    group = dg.get_pruning_group(root, fn, idxs)
+                except Exception as e:  # noqa: BLE001 - tp cannot map these channels: keep the group
+                    report.locked[name] = f"{name}: torch-pruning cannot build its group ({one_line(e)})"
                     continue
-                group.prune()
+                if not dg.check_pruning_group(group):
+                    report.locked[name] = "removing these channels would empty a layer"
+                    continue
+                try:
+                    prune_group(dg, group)
+                except GroupPruneError as e:
+                    report.locked[name] = str(e)
             ft = finetune(model, step) if finetune is not None else None
             s = record(step, r_t, ft)
             bar.update(1)
@@ -231,12 +241,24 @@ GROUP_ROOTS = (nn.Conv2d, nn.Linear, RepBlock)
 def scored_groups(dg: Any, importance: Callable[[Any], Any], ignored: Any, locked: dict[str, str]
                   ) -> Iterator[tuple[str, Any, torch.Tensor]]:
     """``(name, group, importance)`` of every group of ``dg`` that can be pruned and scored (importance as a
-    float CPU tensor); a locked or unscorable group is recorded in ``locked[name]`` with its reason instead."""
+    float CPU tensor); a locked or unscorable group is recorded in ``locked[name]`` with its reason instead.
+
+    Locked: groups :func:`prune.graph.locked_reason` names, groups torch-pruning cannot build, and groups
+    whose pruning is not the network with their channels zeroed (:func:`prune.graph.verify_groups`)."""
+    free = []
     for group in dg.get_all_groups(ignored_layers=[], root_module_types=GROUP_ROOTS):
         name = dg.module_name(group[0].dep.target.module)
         why = locked_reason(dg, group, ignored)
         if why is not None:
             locked.setdefault(name, why)
+            continue
+        free.append((name, group))
+    for name, why in getattr(dg, "group_errors", {}).items():
+        locked.setdefault(name, why)
+    failed = verify_groups(dg, free) if isinstance(dg, SRDependencyGraph) else {}
+    for name, group in free:
+        if name in failed:
+            locked.setdefault(name, f"{name}: {failed[name]}")
             continue
         imp = importance(group)
         if imp is None:

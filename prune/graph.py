@@ -13,11 +13,18 @@ On top of DepGraph's own handling of concatenation, residual adds and ``x * sigm
 * The network input and output: the example input is traced as a parameter-like node and the output
   as tp's output node, so a group that would change the network's input or output channels is
   recognizable (:func:`locked_reason`) and never pruned.
+* Structures DepGraph does not map channel by channel (reductions over channels, LayerNorm, permutes,
+  ``torch.cat([x, x])``, grouped convs, unknown operations, ...) are found in the traced graph and
+  locked, and the channel mappings of ``torch.cat`` / ``torch.split`` and broadcast operands are
+  installed from the traced shapes (:mod:`prune.structure`). A group DepGraph fails on is locked
+  (:meth:`SRDependencyGraph.get_all_groups`, :func:`prune_group`), and :func:`verify_groups` checks
+  every prunable group against zeroing its channels before anything is removed.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+import copy
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -29,12 +36,18 @@ from reparam import RepBlock, rep_blocks
 from ._tp_compat import BasePruningFunc, HybridIndex, UnwrappedParameters, add_channel_pruning_fns, set_module_name
 from ._tp_compat import module_name as tp_module_name
 from .rep import get_slicer
+from .structure import OpRecorder, analyse, check_index_mappings, failing_groups, one_line
 
-__all__ = ["SRDependencyGraph", "build_graph", "channel_atoms", "locked_reason", "PixelShuffleIndexError"]
+__all__ = ["SRDependencyGraph", "build_graph", "channel_atoms", "locked_reason", "PixelShuffleIndexError",
+           "GroupPruneError", "prune_group", "verify_groups"]
 
 
 class PixelShuffleIndexError(ValueError):
     """Channels before a PixelShuffle were pruned in an incomplete block of r^2."""
+
+
+class GroupPruneError(ValueError):
+    """torch-pruning failed to prune a group; the layers of the group are left as they were."""
 
 
 # ------------------------------------------------------------------------------------------ pruners
@@ -148,6 +161,14 @@ class SRDependencyGraph(tp.DependencyGraph):
         self.instance_pruners: dict[int, tuple[nn.Module, BasePruningFunc]] = {}
         self.input_params: list[torch.Tensor] = []
         self.locked_modules: dict[nn.Module, str] = {}
+        #: modules and traced operations whose channels cannot be removed one by one -> why
+        self.structure_locks: dict[Any, str] = {}
+        #: root module name -> why torch-pruning could not build its group
+        self.group_errors: dict[str, str] = {}
+        #: root module name -> why removing its channels is not zeroing them (None: checked, fine)
+        self.checked: dict[str, str | None] = {}
+        self.example_inputs: torch.Tensor | None = None
+        self.recorder: OpRecorder | None = None
 
     def get_pruner_of_module(self, module: Any):  # noqa: ANN201 - tp's signature
         hit = self.instance_pruners.get(id(module))
@@ -157,6 +178,41 @@ class SRDependencyGraph(tp.DependencyGraph):
 
     def module_name(self, module: Any) -> str:
         return tp_module_name(self, module)
+
+    def _build_dependency(self, module2node: Any) -> None:
+        # tp's hook between tracing and its shape inference / index mappings: read the structure of the
+        # traced graph first (tp's concat-size inference fails on e.g. torch.cat([x, x]) of the input).
+        super()._build_dependency(module2node)
+        analyse(self, self.recorder)
+
+    def get_all_groups(self, ignored_layers: Iterable[nn.Module] = (),
+                       root_module_types: Sequence[type] = (ops.TORCH_CONV, ops.TORCH_LINEAR)) -> Iterator[Any]:
+        """Every group with full indices, one per root layer, as ``tp.DependencyGraph.get_all_groups``;
+        a root whose group torch-pruning cannot build is recorded in :attr:`group_errors` (with the
+        exception) instead of raising."""
+        ignored = list(ignored_layers) + list(self.IGNORED_LAYERS_IN_TRACING)
+        visited: set[int] = set()
+        for m in list(self.module2node.keys()):
+            if any(m is i for i in ignored) or not isinstance(m, tuple(root_module_types)) or id(m) in visited:
+                continue
+            try:
+                pruner = self.get_pruner_of_module(m)
+                n = None if pruner is None else pruner.get_out_channels(m)
+                if n is None:
+                    continue
+                group = self.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
+            except Exception as e:  # noqa: BLE001 - any tp failure locks this group, never the run
+                name = self.module_name(m)
+                self.group_errors.setdefault(name, f"{name}: torch-pruning cannot build its group ({one_line(e)})")
+                continue
+            prunable = True
+            for dep, _ in group:
+                if self.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    if any(dep.target.module is i for i in ignored):
+                        prunable = False
+            if prunable:
+                yield group
 
 
 @contextlib.contextmanager
@@ -200,16 +256,17 @@ def _add_pixel_shuffle_mappings(dg: SRDependencyGraph) -> None:
                     dep.index_mapping[0] = _FromShuffled(r2)
 
 
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
+def _forward(model: nn.Module, example_inputs: Any, recorder: OpRecorder | None = None) -> Any:
     # tp's default calls model(*example_inputs), which unbinds a tensor along the batch dimension.
     # The outputs are cloned so that tp always creates its output node: when the last op is a module
     # (e.g. nn.PixelShuffle), tp would otherwise map the root grad_fn to that module and lose the output.
-    if isinstance(example_inputs, dict):
-        out = model(**example_inputs)
-    elif isinstance(example_inputs, (list, tuple)):
-        out = model(*example_inputs)
-    else:
-        out = model(example_inputs)
+    with recorder.watch(model) if recorder is not None else contextlib.nullcontext():
+        if isinstance(example_inputs, dict):
+            out = model(**example_inputs)
+        elif isinstance(example_inputs, (list, tuple)):
+            out = model(*example_inputs)
+        else:
+            out = model(example_inputs)
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, (list, tuple)):
@@ -240,25 +297,47 @@ def build_graph(model: nn.Module, example_inputs: Any) -> SRDependencyGraph:
     # The network input, traced as a leaf 'parameter' so that residuals to the input are visible.
     unwrapped: list[UnwrappedParameters] = []
     if isinstance(example_inputs, torch.Tensor):
+        dg.example_inputs = example_inputs.detach()
         inp = example_inputs.detach().clone().requires_grad_(True)
         unwrapped.append(UnwrappedParameters(parameters=inp, pruning_dim=1))
         dg.input_params.append(inp)
         example_inputs = inp
-    with _tracing_form(model):
-        dg.build_dependency(model, example_inputs=example_inputs, forward_fn=_forward, customized_pruners=customized,
-                            unwrapped_parameters=unwrapped, verbose=False)
+    dg.recorder = OpRecorder()
+    ran = []
+
+    def forward(m: nn.Module, x: Any) -> Any:
+        out = _forward(m, x, dg.recorder)
+        ran.append(True)
+        return out
+
+    try:
+        with _tracing_form(model):
+            dg.build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
+                                customized_pruners=customized, unwrapped_parameters=unwrapped, verbose=False)
+    except Exception as e:
+        if not ran:
+            raise                       # the model's own forward failed: its error, unchanged
+        raise ValueError(f"model: torch-pruning cannot trace {type(model).__name__} ({one_line(e)})") from e
+    finally:
+        dg.recorder = None              # drops the references to the autograd graph
     for p in {id(p): p for p in coupled_pruners.values()}.values():
         add_channel_pruning_fns(dg, p)
     for inp in dg.input_params:
         set_module_name(dg, inp, "<network input>")
     _add_pixel_shuffle_mappings(dg)
+    check_index_mappings(dg)
     return dg
 
 
 # ------------------------------------------------------------------------------------ group facts
 def locked_reason(dg: SRDependencyGraph, group: Any, ignored: set[nn.Module] | None = None) -> str | None:
-    """Why ``group`` must not be pruned, or None if it may be."""
+    """Why ``group`` must not be pruned, or None if it may be. A structure whose channels cannot be
+    removed one by one (:attr:`SRDependencyGraph.structure_locks`) is named first."""
     ignored = ignored or set()
+    locks = getattr(dg, "structure_locks", {})
+    for dep, _ in group:
+        if dep.target.module in locks:
+            return locks[dep.target.module]
     for dep, _ in group:
         target = dep.target
         if target.type == ops.OPTYPE.OUTPUT:
@@ -310,3 +389,91 @@ def channel_atoms(group: Any) -> list[list[int]]:
     for i in parent:
         atoms.setdefault(find(i), []).append(i)
     return sorted((sorted(a) for a in atoms.values()), key=lambda a: a[0])
+
+
+# --------------------------------------------------------------------------------- safe pruning
+def _module_state(m: nn.Module) -> dict[str, Any]:
+    return {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in m.__dict__.items()}
+
+
+def prune_group(dg: SRDependencyGraph, group: Any) -> None:
+    """``group.prune()``, all or nothing: channel indices are checked against every layer first, the
+    group's unwrapped parameters are pruned last, and if torch-pruning fails part-way every module of the
+    group is restored and :class:`GroupPruneError` (one line naming the group's root) is raised."""
+    name = dg.module_name(group[0].dep.target.module)
+    saved: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+    for item in group:
+        t, h = item.dep.target.module, item.dep.handler
+        if isinstance(t, nn.Module):
+            for m in t.modules():
+                saved.setdefault(id(m), (m, _module_state(m)))
+        if not item.idxs or not isinstance(t, (nn.Module, torch.Tensor)):
+            continue
+        try:
+            if isinstance(t, torch.Tensor):
+                n = int(t.shape[dg.module2node[t].pruning_dim])
+            else:
+                n = dg.get_out_channels(t) if dg.is_out_channel_pruning_fn(h) else dg.get_in_channels(t)
+        except Exception:  # noqa: BLE001 - a count tp cannot read is not checked here
+            n = None
+        if n is not None and (min(item.idxs) < 0 or max(item.idxs) >= n):
+            raise GroupPruneError(f"{name}: torch-pruning maps channel {max(item.idxs)} of "
+                                  f"{dg.module_name(t)}, which has {n}")
+    # unwrapped parameters are replaced on their parent modules (outside the group): prune them last, so
+    # that a failure leaves nothing that cannot be restored (the root stays first, it names the history)
+    group.items.sort(key=lambda item: isinstance(item.dep.target.module, torch.Tensor))
+    try:
+        group.prune()
+    except Exception as e:  # noqa: BLE001 - restore, then one clear error
+        for m, state in saved.values():
+            m.__dict__.clear()
+            m.__dict__.update(state)
+        raise GroupPruneError(f"{name}: torch-pruning failed to prune this group ({one_line(e)})") from e
+
+
+def _check_channels(group: Any) -> list[int]:
+    """Root channels a masking check removes: the first, middle and last atom (at least one atom kept)."""
+    atoms = channel_atoms(group)
+    if len(atoms) < 2:
+        return []
+    picks = sorted({0, len(atoms) // 2, len(atoms) - 1})
+    picks = picks[:len(atoms) - 1]
+    return sorted(c for i in picks for c in atoms[i])
+
+
+def verify_groups(dg: SRDependencyGraph, groups: Sequence[tuple[str, Any]]) -> dict[str, str]:
+    """``{root name: reason}`` of the ``(root name, full group)`` pairs whose pruning is *not* the network
+    with those channels zeroed at every layer that reads them (:func:`prune.structure.failing_groups`, on
+    a float64 copy of ``dg.model`` with ``dg.example_inputs``). Each root is checked once per graph.
+
+    Groups that slice a ``reparam.RepBlock`` are not checked: a block's slicer may change its internal
+    widths by design (RRRB and ERB keep their expanded width at ``ratio * C``), so removing a channel
+    there is not zeroing it; the slicers are exact in the block's own terms (:mod:`prune.rep`)."""
+    if dg.example_inputs is None:
+        return {}
+    plans = []
+    for name, group in groups:
+        if name in dg.checked:
+            continue
+        if any(isinstance(item.dep.target.module, RepBlock) for item in group):
+            dg.checked[name] = None
+            continue
+        idxs = _check_channels(group)
+        try:
+            ok = bool(idxs) and dg.check_pruning_group(dg.get_pruning_group(group[0].dep.target.module,
+                                                                            group[0].dep.handler, idxs))
+        except Exception as e:  # noqa: BLE001 - tp cannot even form the group for a few channels
+            dg.checked[name] = f"torch-pruning cannot build it for a few channels ({one_line(e)})"
+            continue
+        if ok:
+            plans.append((name, idxs))
+        else:
+            dg.checked[name] = None     # nothing removable: check_pruning_group keeps it whole anyway
+    try:
+        found = failing_groups(dg.model, dg.example_inputs, plans, build_graph)
+    except Exception as e:
+        raise ValueError(f"model: the pruning groups of {type(dg.model).__name__} cannot be checked on a copy "
+                         f"({one_line(e)})") from e
+    for name, _ in plans:
+        dg.checked[name] = found.get(name)
+    return {name: why for name, _ in groups if (why := dg.checked.get(name)) is not None}
