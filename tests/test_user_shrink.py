@@ -167,3 +167,27 @@ def test_tucker_reaches_a_budget_of_1x1_convs(user, capsys):
     assert any(name.endswith("pw1") or name.endswith("pw2") for name in comp["ranks"])
     student = models.open_model(None, user["root"] / "run_dw" / "student.safetensors")
     assert sum(p.numel() for p in student.parameters()) == comp["achieved"]
+
+
+def test_frontier_and_compare_on_a_user_network(user, capsys):
+    shrink_out = user["root"] / "cmp_shrink"
+    assert cli.main(_argv(user, shrink_out, "--target-params", str(int(0.67 * user["params"])), "--method", "tucker",
+                          "--steps", "0")) == 0
+    front = user["root"] / "cmp_frontier"
+    code = cli.main(["frontier", "--model", user["spec"], "--weights", str(user["weights"]), "--input-range", "1",
+                     "--calib-data", str(user["train"]), "--eval-data", str(user["eval"]), "--budgets", "0.8,0.5",
+                     "--method", "prune", "--calib-images", "16", "--no-peers", "--no-progress",
+                     "--out", str(front)])
+    assert code == 0, capsys.readouterr()[1]
+    points = json.loads((front / "frontier.json").read_text())["points"]
+    assert {k: v["params"] <= v["target_params"] for k, v in points.items()} == {"prune@0.8": True, "prune@0.5": True}
+    capsys.readouterr()
+    out = user["root"] / "cmp"
+    assert cli.main(["compare", str(shrink_out), str(front), "--out", str(out)]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["families"] == ["BlockSR", "BlockSR (cmp_frontier)"] and doc["eval_set"] == "eval"
+    assert len([m for m in doc["models"] if m["kind"] == "student"]) == 3
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare.csv").read_text().count("\n") == 6
+    bad = user["root"] / "cmp_bad"
+    assert cli.main(["compare", str(shrink_out), str(user["root"]), "--out", str(bad)]) == 2
+    assert "holds no frontier.json" in capsys.readouterr()[1] and not bad.exists()

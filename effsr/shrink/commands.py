@@ -330,3 +330,29 @@ def _frontier(args: argparse.Namespace) -> int:
     print(f"bicubic {first} PSNR-Y {doc['bicubic'][first]['psnr_y']:.3f}")
     print(f"wrote {args.out}/frontier.json, frontier.csv, frontier.png")
     return 0
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="folders written by effsr frontier (frontier.json) or effsr shrink (report.json)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: compare.json, compare.csv, compare.png")
+
+
+@command("compare", help="several networks and their compressed students in one quality-vs-size plot",
+         arguments=_compare_args)
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import merge_runs, write_compare
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out: {args.out} exists and is not a directory")
+    try:
+        doc = merge_runs(args.runs)
+    except ValueError as err:
+        raise CLIError(error_line(err)) from err
+    write_compare(doc, out)
+    for m in sorted(doc["models"], key=lambda m: (m["family"], -m["params"])):
+        print(f"{m['family']:<16} {m['label']:<22} {m['params']:>9,} params  {doc['eval_set']} PSNR-Y "
+              f"{m['psnr_y']:.3f}")
+    print(f"wrote {out}/compare.json, compare.csv, compare.png")
+    return 0
