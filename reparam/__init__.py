@@ -11,6 +11,7 @@ from .acb import ACB
 from .dbb import DBB
 from .ecb import ECB
 from .edbb import EDBB
+from .foreign import ForeignReport, fuse_foreign
 from .mobileone import MobileOneBlock
 from .repconv import RepConv
 from .replk import RepLKConv
@@ -23,4 +24,5 @@ for _cls in (ECB, RRRB, ERB, DBB, RepConv, ACB, RepVGGBlock, MobileOneBlock, Rep
 __all__ = [
     "kernels", "MODES", "Branch", "ChannelVector", "ConvBN", "FuseModeWarning", "RepBlock", "BLOCKS", "fuse_all", "get_block", "rep_blocks", "repify",
     "set_mode", "ECB", "RRRB", "ERB", "DBB", "RepConv", "ACB", "RepVGGBlock", "MobileOneBlock", "RepLKConv", "EDBB",
+    "fuse_foreign", "ForeignReport",
 ]
