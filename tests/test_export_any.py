@@ -316,3 +316,72 @@ def test_verify_measures_against_float64_where_float32_pytorch_is_itself_off(tmp
         assert row["rel_error"] > 5e-5 and row["rel_error_fp64"] <= 1e-5 and row["torch_fp32_error"] > 5e-5
     with pytest.raises(export.ExportMismatchError, match="against float64 PyTorch"):
         export.verify(net, other, images)
+
+
+SIZE_NET_CODE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PoolSR(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.tail = nn.Conv2d(c, 48, 3, padding=1)
+        self.up = nn.PixelShuffle(4)
+
+    def forward(self, x):
+        f = self.head(x)
+        h, w = f.shape[-2:]
+        a = self.conv(F.adaptive_max_pool2d(f, (h // 8, w // 8)))
+        f = f * torch.sigmoid(F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False))
+        return self.up(self.tail(f))
+'''
+
+
+def test_cli_export_fixed_size_for_a_size_dependent_graph(tmp_path, capsys):
+    from effsr import cli, models
+
+    code_file = tmp_path / "pool_sr.py"
+    code_file.write_text(SIZE_NET_CODE)
+    torch.manual_seed(0)
+    net = models.open_model(f"{code_file}:PoolSR", input_range=1.0)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    base = ["export", "--model", f"{code_file}:PoolSR", "--weights", str(tmp_path / "w.pth"), "--input-range", "1",
+            "--eval-data", "default", "--max-eval-images", "1", "--runtime-trials", "1", "--no-progress"]
+    out = tmp_path / "dyn"
+    assert cli.main([*base, "--out", str(out)]) == 2
+    err = capsys.readouterr()[1]
+    assert len(err.strip().splitlines()) == 1 and "export at a fixed size with --input-size H W" in err
+    assert not out.exists()
+    out = tmp_path / "fixed"
+    assert cli.main([*base, "--input-size", "48", "40", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rep = json.loads((out / "export.json").read_text())
+    assert rep["onnx"] == {"dynamic": False, "static_input": [48, 40]}
+    assert export.OnnxSR(out / "PoolSR.onnx").static_input == (48, 40)
+    v = rep["variants"]
+    assert v["onnx_fp32"]["eval"]["default"]["psnr_y"] == pytest.approx(v["torch_fp32"]["eval"]["default"]["psnr_y"],
+                                                                        abs=0.5)
+
+
+@pytest.mark.parametrize("h,w", [(48, 40), (17, 23), (100, 41), (48, 130)])
+def test_windowed_equals_whole_for_a_local_network(h, w):
+    """A network whose output pixel depends on a 5x5 neighbourhood: the windows' owned parts (>= 8 px from an
+    inner window edge) reproduce the whole-image output (float64, up to summation order)."""
+    from effsr.export.session import windowed
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.PixelShuffle(2))
+    x = torch.rand(1, 3, h, w, dtype=torch.float64)
+    net = net.double()
+
+    def fixed(t):
+        assert tuple(t.shape[-2:]) == (32, 24)
+        return net(t)
+
+    padded = F.pad(x, (0, max(24 - w, 0), 0, max(32 - h, 0)), mode="replicate")
+    ref = net(padded)[..., : 2 * h, : 2 * w]
+    torch.testing.assert_close(windowed(fixed, x, (32, 24), 2), ref, rtol=0, atol=1e-12)

@@ -15,6 +15,10 @@ __all__: list[str] = []
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, weights="required")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="export a fixed-size graph for this LR input size (for a network whose graph cannot be "
+                        "dynamic in H/W, e.g. pooling sizes computed from the input); the ONNX variants are then "
+                        "run window by window (default: dynamic H/W)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: <arch>.onnx, <arch>.int8.onnx, "
                                                               "export.json")
     p.add_argument("--eval-data", action="append", default=None, metavar="DIR",
@@ -59,6 +63,8 @@ def _check_args(args: argparse.Namespace) -> None:
     from effsr.cli import check_output_dir
 
     check_output_dir(args.out, "--out")
+    if args.input_size is not None and min(args.input_size) < 8:
+        raise CLIError(f"--input-size: H and W must be >= 8, got {args.input_size[0]} {args.input_size[1]}")
     if not args.int8:
         for flag, value in (("--calib-data", args.calib_data), ("--max-drop", args.max_drop),
                             ("--keep-fp32", args.keep_fp32)):
@@ -158,12 +164,12 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         try:
             report.update(export_model(net, staged.path, eval_sets, runtime_images, verify_images, calib, int8,
                                        opset=args.opset, threads=args.threads, trials=args.runtime_trials,
-                                       progress=progress))
+                                       progress=progress, input_size=tuple(args.input_size) if args.input_size else None))
         except ExportMismatchError as err:
             print(f"effsr export: FAILED verification: {err}", file=sys.stderr)
             return 1, report
         except ValueError as err:
-            raise CLIError(str(err).splitlines()[0]) from err
+            raise CLIError(str(err).splitlines()[0].replace("input_size=(H, W)", "--input-size H W")) from err
         if "int8" in report:
             report["int8"]["calib_data"] = str(args.calib_data)
         print(format_table(report["variants"]))

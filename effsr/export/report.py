@@ -106,7 +106,7 @@ def format_table(variants: Mapping[str, Mapping[str, Any]]) -> str:
 def export_model(net: nn.Module, out_dir: str | os.PathLike[str], eval_sets: Mapping[str, Sequence[Any]],
                  runtime_images: Sequence[Any], verify_images: Sequence[Any], calib: Any = None,
                  int8: Mapping[str, Any] | None = None, *, opset: int = 18, threads: int = 1, trials: int = 3,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, input_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Export a fused network into ``out_dir`` (``<arch>.onnx``, with ``int8``: ``<arch>.int8.onnx``), verify
     the fp32 graph on ``verify_images`` (:class:`~effsr.export.ExportMismatchError` above 1e-5), measure every
     variant and return ``{"verify", "variants", "int8"?, "seconds"}`` (nothing else is written).
@@ -124,8 +124,9 @@ def export_model(net: nn.Module, out_dir: str | os.PathLike[str], eval_sets: Map
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     arch = str(getattr(net, "arch", "model"))
-    fp32_path = to_onnx(net, out_dir / f"{arch}.onnx", opset=opset, fuse=False)
-    report: dict[str, Any] = {"verify": verify(net, fp32_path, verify_images, threads=threads)}
+    fp32_path = to_onnx(net, out_dir / f"{arch}.onnx", opset=opset, fuse=False, input_size=input_size)
+    report: dict[str, Any] = {"verify": verify(net, fp32_path, verify_images, threads=threads),
+                              "onnx": {k: v for k, v in fp32_path.info.items() if k in ("dynamic", "static_input")}}
     variants = {"torch_fp32": measure(net, eval_sets, runtime_images, threads=threads, trials=trials,
                                       progress=progress, size_bytes=torch_size_bytes(net)),
                 "onnx_fp32": measure(OnnxSR(fp32_path, threads=threads), eval_sets, runtime_images, threads=threads,
