@@ -94,3 +94,30 @@ def test_profile_dipnet_is_the_report_row(ntire, capsys, tmp_path):
     p = json.loads(out.read_text())
     assert p["params"] == 243_252 and p["convs"] == 39
     assert round(p["flops"] / 1e9, 2) == 14.90 and round(p["activations"] / 1e6, 2) == 72.97
+
+
+@pytest.mark.parametrize("entry", NETWORKS, ids=[e["name"] for e in NETWORKS])
+def test_shrink_end_to_end_and_reload(ntire, shared_data, entry, tmp_path, capsys):
+    """``effsr shrink`` of each published network to 90 % of its params (training-free, small calibration), then
+    ``effsr eval`` of the student file with no --model: the same PSNR."""
+    from effsr import models
+
+    teacher = models.open_model(f"{ntire / entry['file']}:{entry['cls']}", ntire / entry["checkpoint"],
+                                config=entry["kwargs"], input_range=entry["input_range"],
+                                weights_key=entry["state_dict_key"])
+    target = int(0.9 * sum(p.numel() for p in teacher.parameters()))
+    out = tmp_path / "run"
+    code = cli.main(["shrink", *model_args(ntire, entry), "--train-data", str(shared_data / "t91"),
+                     "--eval-data", str(shared_data / "set5"), "--max-eval-images", "1", "--max-train-images", "8",
+                     "--calib-images", "8", "--calib-rows", "512", "--target-params", str(target), "--method", "prune",
+                     "--steps", "0", "--no-peers", "--runtime-trials", "1", "--no-progress", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    student = next(m for m in report["models"] if m["kind"] == "student")
+    assert student["params"] <= target
+    code = cli.main(["eval", "--weights", str(out / "student.safetensors"), "--data", str(shared_data / "set5"),
+                     "--no-progress", "--json", str(tmp_path / "e.json")])
+    assert code == 0, capsys.readouterr()[1]
+    first = json.loads((tmp_path / "e.json").read_text())["per_image"][0]
+    assert first["psnr_y"] == pytest.approx(student["per_image"]["set5"][0]["psnr_y"], abs=1e-9)
