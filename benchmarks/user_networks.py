@@ -10,7 +10,10 @@ integer Y). Configurations:
 
 * ``prune0`` / ``tucker0``: training-free (``--steps 0``), pruning + least-squares reconstruction and data-aware
   Tucker-2;
-* ``distill10``: ``--method auto`` then distillation sized to about 10 minutes on 2 cores (``--steps``).
+* ``distill10``: ``--method auto`` then distillation sized to about 10 minutes on 2 cores (``--steps``);
+* ``export``: ``effsr export --int8`` of the teacher (percentile calibration on 32 T91 patches): the fp32 graph's
+  verification error, whether it is dynamic in H/W (a refused network is exported again with ``--input-size 64
+  64``, as the refusal says), and the INT8 drop and speed-up over fp32 ONNX.
 
 Recorded per network and configuration: the teacher's and the student's Set5 PSNR-Y and their drop, params,
 FLOPs, activations, convs, the CPU runtime of teacher and student measured in the same run, wall time per stage,
@@ -21,6 +24,7 @@ what pruning locked, the feature layers distillation used, and a reload check (t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -44,7 +48,10 @@ CONFIGS: dict[str, dict] = {
     "prune0": {"method": "prune", "steps": 0},
     "tucker0": {"method": "tucker", "steps": 0},
     "distill10": {"method": "auto", "steps": 400},
+    "export": {},
 }
+#: LR size of a fixed-size graph, for a network whose graph cannot be dynamic in H/W
+FIXED_SIZE = (64, 64)
 
 
 def network_config(root: Path, e: dict) -> dict:
@@ -54,7 +61,53 @@ def network_config(root: Path, e: dict) -> dict:
             "weights_key": e["state_dict_key"]}
 
 
+def run_export(e: dict, data: Path, out_root: Path, threads: int) -> dict:
+    """``effsr export --int8`` of network ``e``, as on the command line; retried at a fixed size when refused."""
+    import contextlib
+
+    from effsr import cli
+
+    root = data / "ntire2024"
+    args = ["export", "--model", f"{root / e['file']}:{e['cls']}", "--weights", str(root / e["checkpoint"]),
+            "--input-range", str(e["input_range"]), "--int8", "--calib-data", str(data / "t91"),
+            "--calib-method", "percentile", "--eval-data", str(data / "set5"), "--threads", str(threads),
+            "--no-progress"]
+    if e["kwargs"]:
+        args += ["--model-config", json.dumps(e["kwargs"])]
+    if e["state_dict_key"]:
+        args += ["--weights-key", e["state_dict_key"]]
+    rec: dict = {"network": e["name"], "config": "export", "threads": threads}
+    t0 = time.perf_counter()
+    for extra in ([], ["--input-size", *map(str, FIXED_SIZE)]):
+        out = out_root / f"{e['name']}_export"
+        if out.exists():
+            shutil.rmtree(out)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main([*args, *extra, "--out", str(out)])
+        if code == 0:
+            break
+        rec.setdefault("refused", []).append(err.getvalue().strip().splitlines()[-1])
+    rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if code != 0:
+        rec["error"] = rec["refused"][-1]
+        return rec
+    rep = json.loads((out / "export.json").read_text())
+    v = rep["variants"]
+    rec.update({"onnx": rep["onnx"], "verify_max_rel_error": rep["verify"]["max_rel_error"],
+                "verify_passed": rep["verify"]["passed"],
+                "torch_set5": round(v["torch_fp32"]["eval"]["set5"]["psnr_y"], 4),
+                "onnx_fp32_set5": round(v["onnx_fp32"]["eval"]["set5"]["psnr_y"], 4),
+                "int8_set5": round(v["onnx_int8"]["eval"]["set5"]["psnr_y"], 4),
+                "int8_drop_db": round(v["onnx_int8"]["eval"]["set5"]["psnr_y"] - v["onnx_fp32"]["eval"]["set5"]["psnr_y"], 4),
+                "int8_speedup": v["onnx_int8"].get("speedup"),
+                "runtime_ms": {k: v[k]["runtime_ms"] for k in v}})
+    return rec
+
+
 def run_one(e: dict, config: str, data: Path, out_root: Path, threads: int, steps: int | None) -> dict:
+    if config == "export":
+        return run_export(e, data, out_root, threads)
     root = data / "ntire2024"
     named = network_config(root, e)
     teacher = models.open_model(named["model"], named["weights"], config=named["model_config"],
@@ -131,6 +184,40 @@ def _pairs(folder: Path) -> list:
     return list(SRFolder(folder))
 
 
+def table(results: dict) -> str:
+    """The results as a markdown table: one row per network, each configuration's Set5 PSNR-Y and drop."""
+    nets = list(dict.fromkeys(r["network"] for r in results.values()))
+    configs = [c for c in CONFIGS if c != "export" and any(r["config"] == c for r in results.values())]
+    head = ["network", "teacher params", "teacher Set5"] + [f"{c}: Set5 (drop), speed-up, wall" for c in configs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in nets:
+        first = next(r for r in results.values() if r["network"] == n)
+        cells = [n, f"{first['teacher_params']:,}", f"{first.get('teacher_set5', float('nan')):.3f}"]
+        for c in configs:
+            r = results.get(f"{n}:{c}")
+            if r is None:
+                cells.append("–")
+            elif r.get("error"):
+                cells.append(f"error: {r['error'][:60]}")
+            else:
+                chosen = f" ({r['chosen']})" if c == "distill10" else ""
+                cells.append(f"{r['student_set5']:.3f} ({r['drop_db']:+.3f}){chosen}, {r['speedup']:.2f}x, "
+                             f"{r['wall_seconds']:.0f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+    exports = [r for r in results.values() if r["config"] == "export"]
+    if exports:
+        lines += ["", "| network | fp32 ONNX | verify max rel. error | INT8 Set5 (drop) | INT8 speed-up |",
+                  "|---|---|---|---|---|"]
+        for r in exports:
+            if r.get("error"):
+                lines.append(f"| {r['network']} | error: {r['error'][:80]} | | | |")
+                continue
+            graph = "dynamic H/W" if r["onnx"]["dynamic"] else f"fixed {'x'.join(map(str, r['onnx']['static_input']))}"
+            lines.append(f"| {r['network']} | {graph} | {r['verify_max_rel_error']:.1e} | {r['int8_set5']:.3f} "
+                         f"({r['int8_drop_db']:+.3f}) | {r['int8_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -140,7 +227,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the distillation steps of distill10")
     ap.add_argument("--force", action="store_true", help="rerun configurations already in the JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "user_networks.json"))
+    ap.add_argument("--table", action="store_true", help="print the results already in --out as a table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["results"]))
+        return
     data = Path(args.data)
     entries = json.loads((data / "ntire2024" / "networks.json").read_text())["networks"]
     names = [e["name"] for e in entries] if args.networks == "all" else [n.strip() for n in args.networks.split(",")]
@@ -165,7 +256,8 @@ def main() -> None:
             doc["results"][key] = rec
             out.write_text(json.dumps(doc, indent=2) + "\n")
             print(json.dumps({k: rec.get(k) for k in ("wall_seconds", "chosen", "teacher_set5", "student_set5",
-                                                      "drop_db", "params", "convs", "speedup", "error")}), flush=True)
+                                                      "drop_db", "params", "convs", "speedup", "int8_drop_db",
+                                                      "int8_speedup", "error")}), flush=True)
     print(f"wrote {out}")
 
 
