@@ -357,11 +357,13 @@ def test_cli_export_fixed_size_for_a_size_dependent_graph(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "export at a fixed size with --input-size H W" in err
     assert not out.exists()
     out = tmp_path / "fixed"
-    assert cli.main([*base, "--input-size", "48", "40", "--out", str(out)]) == 0
+    assert cli.main([*base, "--input-size", "48", "40", "--int8", "--calib-data", "default", "--calib-count", "4",
+                     "--out", str(out)]) == 0
     capsys.readouterr()
     rep = json.loads((out / "export.json").read_text())
     assert rep["onnx"] == {"dynamic": False, "static_input": [48, 40]}
     assert export.OnnxSR(out / "PoolSR.onnx").static_input == (48, 40)
+    assert export.OnnxSR(out / "PoolSR.int8.onnx").static_input == (48, 40)  # calibrated at 48x40 too
     v = rep["variants"]
     assert v["onnx_fp32"]["eval"]["default"]["psnr_y"] == pytest.approx(v["torch_fp32"]["eval"]["default"]["psnr_y"],
                                                                         abs=0.5)

@@ -139,8 +139,11 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     if args.int8:
         calib_pairs = open_data(args.calib_data, net.scale)
         try:
-            calib = q.calibration_patches(list(calib_pairs), args.calib_count, args.calib_patch, net.input_range,
-                                          args.seed)
+            size = max(args.input_size) if args.input_size else args.calib_patch
+            calib = q.calibration_patches(list(calib_pairs), args.calib_count, size, net.input_range, args.seed)
+            if args.input_size:  # a fixed-size graph is calibrated at its own input size
+                h, w = args.input_size
+                calib = calib[..., (size - h) // 2:(size - h) // 2 + h, (size - w) // 2:(size - w) // 2 + w]
         except ValueError as err:
             raise CLIError(f"--calib-data {args.calib_data}: {err}") from err
     first = list(next(iter(eval_sets.values())))
