@@ -375,6 +375,12 @@ class _Stop(Exception):
 
 
 def _as_batches(inputs: Any, batch_size: int) -> list[Tensor]:
+    if type(inputs).__module__ == "numpy" and hasattr(inputs, "__array__"):  # an N x C x H x W float array
+        import numpy as np
+
+        if not np.issubdtype(inputs.dtype, np.floating):
+            raise TypeError(f"inputs: a numpy array of calibration images must be float, got {inputs.dtype}")
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
     if isinstance(inputs, Tensor):
         if inputs.dim() == 3:
             inputs = inputs.unsqueeze(0)
@@ -384,7 +390,8 @@ def _as_batches(inputs: Any, batch_size: int) -> list[Tensor]:
             raise ValueError("inputs: empty calibration set (0 samples)")
         return list(inputs.split(batch_size))
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
-        raise TypeError(f"inputs must be a tensor or a sequence of NCHW tensors, got {type(inputs).__name__}")
+        raise TypeError(f"inputs must be a tensor, a float numpy array or a sequence of NCHW tensors, got "
+                        f"{type(inputs).__name__}")
     batches = []
     for i, t in enumerate(inputs):
         if not isinstance(t, Tensor):

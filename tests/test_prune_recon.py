@@ -478,3 +478,16 @@ def test_residual_targets_fit_the_sum_of_conv_and_input():
     with torch.no_grad():
         err_plain = float((plain.body(h_s) + h_s - sum_t).pow(2).mean())
     assert err_res < err_plain
+
+
+def test_calibration_takes_a_float_numpy_batch_like_the_export_patches():
+    import numpy as np
+
+    from prune.calibration import Calibration
+
+    arr = np.random.default_rng(0).random((5, 3, 12, 12), dtype=np.float32)
+    calib = Calibration(arr, batch_size=2)
+    assert [tuple(b.shape) for b in calib.batches] == [(2, 3, 12, 12), (2, 3, 12, 12), (1, 3, 12, 12)]
+    assert torch.equal(torch.cat(calib.batches), torch.from_numpy(arr))
+    with pytest.raises(TypeError, match="must be float"):
+        Calibration((arr * 255).astype(np.uint8))
