@@ -116,6 +116,10 @@ def test_shrink_end_to_end_and_reload(ntire, shared_data, entry, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     student = next(m for m in report["models"] if m["kind"] == "student")
     assert student["params"] <= target
+    locked = json.loads(next((out / "stages").glob("*_compress.json")).read_text())["result"]["locked"]
+    assert locked and all(isinstance(why, str) and why for why in locked.values())
+    if entry["name"] == "rcn":  # its LayerNorm2d (a custom autograd Function over C): caught by the zeroing check
+        assert any(n.endswith(".c5") and "not the same as zeroing" in why for n, why in locked.items()), locked
     code = cli.main(["eval", "--weights", str(out / "student.safetensors"), "--data", str(shared_data / "set5"),
                      "--no-progress", "--json", str(tmp_path / "e.json")])
     assert code == 0, capsys.readouterr()[1]

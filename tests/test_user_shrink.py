@@ -114,6 +114,10 @@ def test_shrink_user_network_to_budget_distils_blocks_and_reloads(user, method, 
     assert code == 0, err
     row = _student_row(out)
     assert row["params"] <= target
+    if method == "prune":  # the conv feeding PixelShuffle keeps 3 x 4^2 channels: locked and named
+        comp = json.loads(next((out / "stages").glob("*_compress.json")).read_text())["result"]
+        assert "output channels" in comp["locked"]["tail"]
+        assert "group(s) locked, kept whole: tail" in (out / "log.txt").read_text()
     distilled = json.loads(next((out / "stages").glob("*_distill.json")).read_text())
     info = json.dumps(distilled)
     assert '"pairs": ["body.0", "body.1", "body.2"]' in info and "automatic (the network's repeated blocks)" in info

@@ -231,7 +231,8 @@ def oneshot_prune(student: nn.Module, teacher: nn.Module, calib: Any, kind: str,
     rep = pruned.pruning_report
     info.update({"allocation": rep.allocation, "ratio": None if rep.ratio is None else round(rep.ratio, 6),
                  "restored": rep.restored, "rounds": rep.iterations,
-                 "groups": [{"name": g.name, "channels": g.channels, "kept": g.kept} for g in rep.groups]})
+                 "groups": [{"name": g.name, "channels": g.channels, "kept": g.kept} for g in rep.groups],
+                 "locked": dict(rep.locked)})
     info.update({"history": getattr(pruned, HISTORY_ATTR), "prune_seconds": round(time.perf_counter() - t0, 3)})
     if reconstruct:
         rep = recon(pruned, teacher, calib, progress=progress)
@@ -358,6 +359,9 @@ def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torc
         state.log(f"one-shot {m}: {prof.params:,} params, {prof.flops / 1e9:.2f} G FLOPs, "
                   f"{prof.activations / 1e6:.1f} M acts, {prof.convs} convs; held-out patches PSNR-Y "
                   f"{info['held_out_psnr_y']:.3f} dB ({info['seconds']:.1f} s)")
+        if info.get("locked"):
+            state.log(f"one-shot {m}: {len(info['locked'])} group(s) locked, kept whole: " + "; ".join(
+                f"{name} ({why})" for name, why in info["locked"].items()))
         built[m] = (model, info)
     pick = methods[0] if len(methods) == 1 else choose({m: i for m, (_, i) in built.items()}, cfg.objective,
                                                       cfg.objective_tolerance)
