@@ -297,3 +297,29 @@ def test_official_rfdn_int8_on_a_set5_crop(checkpoints, shared_data, tmp_path) -
     fp32 = evaluate(net, crop, progress=False)["psnr_y"]
     int8 = evaluate(export.OnnxSR(tmp_path / "rfdn.int8.onnx"), crop, progress=False)["psnr_y"]
     assert fp32 - int8 < 1.5  # measured ~0.6 dB on full Set5 with 7-bit weights (docs/export.md)
+
+
+def test_int8_when_onnxruntime_shape_inference_gives_up(exported, calib, tmp_path, monkeypatch) -> None:
+    """onnxruntime's symbolic shape inference fails on some graphs (SAFMN++ at a fixed size): quantization goes
+    on without it; when its pre-processing fails altogether, one ValueError line names the graph."""
+    import onnxruntime.quantization.shape_inference as si
+
+    real = si.quant_pre_process
+
+    def symbolic_fails(src, dst, skip_symbolic_shape=False, **kw):
+        if not skip_symbolic_shape:
+            raise Exception("Incomplete symbolic shape inference")
+        return real(src, dst, skip_symbolic_shape=True, **kw)
+
+    _, path = exported
+    monkeypatch.setattr(si, "quant_pre_process", symbolic_fails)
+    info = export.quantize_int8(path, calib, tmp_path / "ok.onnx")
+    assert (tmp_path / "ok.onnx").is_file() and info
+
+    def always_fails(*a, **kw):
+        raise RuntimeError("broken graph\nsecond line")
+
+    monkeypatch.setattr(si, "quant_pre_process", always_fails)
+    with pytest.raises(ValueError, match=r"^onnx_path: onnxruntime cannot prepare .* RuntimeError: broken graph$"):
+        export.quantize_int8(path, calib, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

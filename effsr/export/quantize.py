@@ -173,8 +173,18 @@ class Int8Quantizer:
         if self.preprocess:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            with quiet():
-                quant_pre_process(str(self.source), str(model), skip_symbolic_shape=False)
+            try:
+                with quiet():
+                    quant_pre_process(str(self.source), str(model), skip_symbolic_shape=False)
+            except Exception:  # noqa: BLE001 - onnxruntime's symbolic shape inference gives up on some graphs
+                try:  # its ONNX shape inference and graph optimisation alone
+                    with quiet():
+                        quant_pre_process(str(self.source), str(model), skip_symbolic_shape=True)
+                except Exception as err:  # noqa: BLE001 - one line naming the graph, not onnxruntime's traceback
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+                    self._tmp = None
+                    raise ValueError(f"onnx_path: onnxruntime cannot prepare {self.source} for quantization: "
+                                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
         else:
             shutil.copyfile(self.source, model)
         self._model = model
