@@ -15,17 +15,18 @@
   nothing beyond the ``to_uint8`` rounding every network pays. The quantized graph takes and returns the
   same float tensors as the fp32 one.
 * Keep-fp32: ``keep_fp32`` names layers (the PyTorch name of a conv, ``"B1.esa.conv4"``, or an ONNX node
-  name) to leave in float. :func:`sensitivity` measures, on the calibration patches, how much of the INT8
+  name) to leave in float. :meth:`Int8Quantizer.sensitivity` measures, on the calibration patches, how much of the INT8
   model's output error goes away when each conv alone is left fp32; :func:`pick_keep_fp32` takes the top ones.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 from .onnx import INPUT_NAME, quiet
 from .session import OnnxSR, read_meta
 
-__all__ = ["METHODS", "calibration_patches", "quantize_int8", "sensitivity", "pick_keep_fp32", "conv_layers",
+__all__ = ["METHODS", "calibration_patches", "quantize_int8", "pick_keep_fp32", "conv_layers",
            "qdq_summary", "Int8Quantizer"]
 
 METHODS = ("minmax", "percentile", "entropy")
@@ -137,6 +138,17 @@ def _pinned_tensors(onnx_path: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """Run the block with ``path`` as the working directory (restored afterwards)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 class Int8Quantizer:
     """Quantize one exported graph repeatedly (methods, keep-fp32 sets) with one calibration per method.
 
@@ -173,13 +185,13 @@ class Int8Quantizer:
         if self.preprocess:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            try:
-                with quiet():
-                    quant_pre_process(str(self.source), str(model), skip_symbolic_shape=False)
+            try:  # onnxruntime leaves temporary files in the working directory when it fails: run it in ours
+                with quiet(), _working_dir(self._tmp):
+                    quant_pre_process(str(Path(self.source).resolve()), str(model), skip_symbolic_shape=False)
             except Exception:  # noqa: BLE001 - onnxruntime's symbolic shape inference gives up on some graphs
                 try:  # its ONNX shape inference and graph optimisation alone
-                    with quiet():
-                        quant_pre_process(str(self.source), str(model), skip_symbolic_shape=True)
+                    with quiet(), _working_dir(self._tmp):
+                        quant_pre_process(str(Path(self.source).resolve()), str(model), skip_symbolic_shape=True)
                 except Exception as err:  # noqa: BLE001 - one line naming the graph, not onnxruntime's traceback
                     shutil.rmtree(self._tmp, ignore_errors=True)
                     self._tmp = None
