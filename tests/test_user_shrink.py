@@ -109,7 +109,8 @@ def _student_row(out: Path) -> dict:
 def test_shrink_user_network_to_budget_distils_blocks_and_reloads(user, method, capsys):
     out = user["root"] / f"run_{method}"
     target = int(0.67 * user["params"])
-    code = cli.main(_argv(user, out, "--target-params", str(target), "--method", method, "--steps", "3"))
+    code = cli.main(_argv(user, out, "--target-params", str(target), "--method", method, "--steps", "3",
+                          "--feature-layers", "blocks"))
     _, err = capsys.readouterr()
     assert code == 0, err
     row = _student_row(out)
@@ -120,13 +121,22 @@ def test_shrink_user_network_to_budget_distils_blocks_and_reloads(user, method, 
         assert "group(s) locked, kept whole: tail" in (out / "log.txt").read_text()
     distilled = json.loads(next((out / "stages").glob("*_distill.json")).read_text())
     info = json.dumps(distilled)
-    assert '"pairs": ["body.0", "body.1", "body.2"]' in info and "automatic (the network's repeated blocks)" in info
+    assert '"pairs": ["body.0", "body.1", "body.2"]' in info and "the network's repeated blocks" in info
     student = models.open_model(None, out / "student.safetensors")  # no --model: the recipe names the file
     assert sum(p.numel() for p in student.parameters()) == row["params"]
     from effsr.inference import evaluate
 
     again = evaluate(student, data.open_dataset(user["eval"]), progress=False)["psnr_y"]
     assert again == pytest.approx(row["eval"]["eval"]["psnr_y"], abs=1e-9)
+
+
+def test_output_only_by_default(user, capsys):
+    out = user["root"] / "run_default"
+    code = cli.main(_argv(user, out, "--target-params", str(int(0.8 * user["params"])), "--method", "prune",
+                          "--steps", "1"))
+    assert code == 0, capsys.readouterr()[1]
+    info = json.dumps(json.loads(next((out / "stages").glob("*_distill.json")).read_text()))
+    assert '"pairs": []' in info and "the default for a user's network" in info
 
 
 def test_output_only_when_asked(user, capsys):

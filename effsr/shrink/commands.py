@@ -66,9 +66,9 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="distil with weights and batches in channels-last (NHWC) memory format, faster on CPU "
                         "(default: on; --no-channels-last: NCHW)")
-    p.add_argument("--feature-layers", default="auto", metavar="auto|none|NAME,NAME",
-                   help="feature distillation points: auto (the zoo's B1..Bn blocks; a user's network: its "
-                        "repeated blocks), none (output only) or comma-separated module names")
+    p.add_argument("--feature-layers", default="auto", metavar="auto|blocks|none|NAME,NAME",
+                   help="feature distillation points: auto (the zoo's B1..Bn blocks; a user's network: the output "
+                        "only), blocks (the network's repeated blocks), none (output only) or module names")
     p.add_argument("--feature-weight", type=float, default=0.1,
                    help="weight of the block-feature distillation terms (default 0.1; 0: output only)")
     p.add_argument("--ema-decay", type=float, default=None, metavar="D",
@@ -109,11 +109,13 @@ def _patch_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
-def _feature_layers(text: str) -> list[str] | None:
-    """``--feature-layers``: ``auto`` (None), ``none`` ([]) or comma-separated names."""
+def _feature_layers(text: str) -> list[str] | str | None:
+    """``--feature-layers``: ``auto`` (None), ``blocks``, ``none`` ([]) or comma-separated names."""
     key = text.strip().lower()
     if key == "auto":
         return None
+    if key == "blocks":
+        return "blocks"
     if key == "none":
         return []
     names = [n.strip() for n in text.split(",") if n.strip()]

@@ -83,10 +83,10 @@ class ShrinkConfig:
     #: 1.6x faster per step (``benchmarks/train_speed.py``), the same values up to float rounding
     channels_last: bool = True
     feature_weight: float = 0.1
-    #: feature distillation points (module names in teacher and student): None = chosen automatically (the
-    #: zoo's B1..Bn blocks; a user's network: its repeated blocks, :func:`distill.blocks.block_layers`);
-    #: ``[]`` = output only
-    feature_layers: list[str] | None = None
+    #: feature distillation points (module names in teacher and student): None = automatic (the zoo's B1..Bn
+    #: blocks; a user's network: the output only, measured better at short budgets, docs/results.md);
+    #: ``"blocks"`` = the network's repeated blocks (:func:`distill.blocks.block_layers`); ``[]`` = output only
+    feature_layers: list[str] | str | None = None
     #: distil toward an exponential moving average of the student's weights (``--ema-decay``; None: off),
     #: see :class:`distill.ema.WeightEMA`
     ema_decay: float | None = None
@@ -183,9 +183,9 @@ class ShrinkConfig:
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
-        if self.feature_layers is not None and (
+        if self.feature_layers is not None and self.feature_layers != "blocks" and (
                 not isinstance(self.feature_layers, list) or not all(isinstance(n, str) and n for n in self.feature_layers)):
-            raise TypeError(f"--feature-layers must be a list of module names, got {self.feature_layers!r}")
+            raise TypeError(f"--feature-layers must be 'blocks' or a list of module names, got {self.feature_layers!r}")
         from distill.ema import check_ema_decay  # the one rule train_steps applies
 
         try:
