@@ -200,7 +200,7 @@ def table(results: dict) -> str:
             elif r.get("error"):
                 cells.append(f"error: {r['error'][:60]}")
             else:
-                chosen = f" ({r['chosen']})" if c == "distill10" else ""
+                chosen = f" ({r['chosen']}, {r['settings']['steps']} steps)" if c == "distill10" else ""
                 cells.append(f"{r['student_set5']:.3f} ({r['drop_db']:+.3f}){chosen}, {r['speedup']:.2f}x, "
                              f"{r['wall_seconds']:.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
