@@ -16,7 +16,7 @@ from typing import Any
 
 from .cli_core import CLIError, error_line, model_help
 
-__all__ = ["add_model_args", "open_model", "model_config", "model_label", "ARG_FLAGS", "flag_error"]
+__all__ = ["add_model_args", "open_model", "model_config", "model_label", "ARG_FLAGS", "flag_error", "as_flags"]
 
 #: API argument names in error messages -> the command line's flags.
 ARG_FLAGS = {"model": "--model", "config": "--model-config", "input_range": "--input-range", "scale": "--scale",
@@ -60,14 +60,18 @@ def model_config(text: str | None) -> dict[str, Any]:
     return value
 
 
-def flag_error(exc: BaseException) -> str:
-    """One line of ``exc``'s message, a leading API argument name (``input_range: ...``, ``scale must ...``)
-    given as its flag (``--input-range``)."""
-    text = error_line(exc)
+def as_flags(text: str) -> str:
+    """``text`` with a leading API argument name (``input_range: ...``, ``scale must ...``) given as its flag
+    (``--input-range``)."""
     match = re.match(r"([a-z_]+)(?=[: ])", text)
     if match and match.group(1) in ARG_FLAGS:
         return ARG_FLAGS[match.group(1)] + text[match.end():]
     return text
+
+
+def flag_error(exc: BaseException) -> str:
+    """One line of ``exc``'s message, a leading API argument name given as its flag (:func:`as_flags`)."""
+    return as_flags(error_line(exc))
 
 
 def model_label(args: argparse.Namespace, net: Any = None) -> str:

@@ -142,12 +142,11 @@ def load_teacher(cfg: ShrinkConfig) -> nn.Module:
         return models.open_model(cfg.model, cfg.weights, config=cfg.model_config or None,
                                  input_range=cfg.input_range, scale=cfg.scale, weights_key=cfg.weights_key)
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        from effsr.cli_model import as_flags
+
         text = str(err)
         if text.startswith(("input_range", "scale", "weights_key", "config", "model")):
-            arg = text.split(":", 1)[0].split(" ", 1)[0]
-            flag = {"input_range": "--input-range", "scale": "--scale", "weights_key": "--weights-key",
-                    "config": "--model-config", "model": "--model"}.get(arg, arg)
-            raise ValueError(flag + text[len(arg):]) from err
+            raise ValueError(as_flags(text)) from err
         raise ValueError(f"--weights: cannot load {cfg.weights} as {cfg.model}: {err}") from err
 
 
