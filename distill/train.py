@@ -55,6 +55,10 @@ class TrainResult:
     lr_capped: dict[str, float] = field(default_factory=dict)
     #: the decay of the weight average the module was given at the end (None: the last step's weights)
     ema_decay: float | None = None
+    #: training ended because ``max_seconds`` of training time were spent (before ``steps``)
+    out_of_time: bool = False
+    #: training time of every call that trained this checkpoint, this one included (``seconds`` is this call's)
+    total_seconds: float = 0.0
 
     @property
     def steps_run(self) -> int:
@@ -68,13 +72,14 @@ class TrainResult:
 
 def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, step: int = 0, history: list[dict[str, float]] | None = None,
-                    ema: dict[str, torch.Tensor] | None = None) -> None:
-    """Atomically write ``{"model", "optimizer", "scheduler", "ema", "step", "history"}`` (tensors and plain
-    values; ``model`` holds the training weights, ``ema`` their running average when there is one)."""
+                    ema: dict[str, torch.Tensor] | None = None, seconds: float = 0.0) -> None:
+    """Atomically write ``{"model", "optimizer", "scheduler", "ema", "step", "history", "seconds"}`` (tensors
+    and plain values; ``model`` holds the training weights, ``ema`` their running average when there is one,
+    ``seconds`` the training time spent so far)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {"model": ddp_utils.unwrap(module).state_dict(), "step": int(step),
-                             "history": [dict(h) for h in history or []]}
+                             "history": [dict(h) for h in history or []], "seconds": float(seconds)}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -98,7 +103,8 @@ def _load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    return {"step": int(state.get("step", 0)), "history": list(state.get("history", [])), "ema": state.get("ema")}
+    return {"step": int(state.get("step", 0)), "history": list(state.get("history", [])), "ema": state.get("ema"),
+            "seconds": float(state.get("seconds", 0.0))}
 
 
 class _SkippingBatchSampler(BatchSampler):
@@ -176,6 +182,7 @@ def train_steps(
     max_relative_step: float | None = MAX_RELATIVE_STEP,
     channels_last: bool = False,
     ema_decay: float | None = None,
+    max_seconds: float | None = None,
 ) -> TrainResult:
     """Train ``module`` (a :class:`Distiller` or anything whose ``forward(lr, hr)`` returns ``(loss, parts)``)
     until it has done ``steps`` optimizer steps in total (counting steps restored from ``checkpoint``).
@@ -201,6 +208,10 @@ def train_steps(
             ``decay`` with a warm-up, ``min(decay, (1 + t) / (10 + t))`` at step ``t``) and give it to the module
             when training reaches ``steps``; the checkpoint holds both, so a resumed run ends the same. An
             interrupted run leaves the module at its last step's weights. None (default): no average.
+        max_seconds: a training-time budget: training also ends (as if ``steps`` were reached: the average is
+            applied, ``TrainResult.out_of_time`` is set) once this many seconds of training have been spent,
+            counting the time of earlier calls restored from ``checkpoint``; a resumed run whose budget is spent
+            trains no further. ``steps`` stays the upper bound. The steps done depend on the machine's speed.
 
     Returns a :class:`TrainResult`; the trained student is ``module.student`` (updated in place).
     """
@@ -215,6 +226,9 @@ def train_steps(
     if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
         raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
     ema_decay = check_ema_decay(ema_decay)
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or not math.isfinite(max_seconds) or max_seconds <= 0):
+        raise ValueError(f"max_seconds must be None or a finite number > 0, got {max_seconds!r}")
     ctx = ctx or ddp_utils.init_from_env(device=device)
     dev = torch.device(device) if device is not None else ctx.device
     if not isinstance(channels_last, bool):
@@ -251,24 +265,39 @@ def train_steps(
     start = 0
     history: list[dict[str, float]] = []
     saved_ema = None
+    spent = 0.0  # training seconds of earlier calls (from the checkpoint)
     if ckpt is not None and resume and ckpt.is_file():
         restored = _load_checkpoint(ckpt, module, optimizer, scheduler, map_location=dev)
         start, history, saved_ema = restored["step"], restored["history"], restored["ema"]
+        spent = restored["seconds"]
         if ema_decay is not None and start > 0 and saved_ema is None:
             raise ValueError(f"ema_decay: checkpoint {ckpt} was written without a weight average; resume it "
                              "with ema_decay=None or start a new checkpoint")
     result = TrainResult(step=start, start_step=start, seconds=0.0, history=history, world_size=ctx.world_size,
-                         checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps, ema_decay=ema_decay)
+                         checkpoint=str(ckpt) if ckpt is not None else None, lr_capped=caps, ema_decay=ema_decay,
+                         total_seconds=spent)
     ema: WeightEMA | None = None
+    t0 = time.perf_counter()
 
     def save() -> None:
         if ckpt is not None and ctx.is_main:
             save_checkpoint(ckpt, module, optimizer, scheduler, result.step, result.history,
-                            ema=ema.state_dict() if ema is not None else None)
+                            ema=ema.state_dict() if ema is not None else None,
+                            seconds=spent + time.perf_counter() - t0)
 
-    bar = progress_bar(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
-                       desc=desc, unit="step")
-    t0 = time.perf_counter()
+    def out_of_time() -> bool:
+        if max_seconds is None:
+            return False
+        flag = torch.tensor([float(spent + time.perf_counter() - t0 >= max_seconds)], device=dev)
+        if ctx.distributed:  # every rank stops at the same step: rank 0's clock decides
+            torch.distributed.broadcast(flag, 0)
+        return bool(flag.item())
+
+    # with a time budget the number of steps is unknown: the bar counts steps without a total
+    bar = progress_bar(total=steps if max_seconds is None else None, initial=min(start, steps),
+                       disable=not (progress and ctx.is_main), unit="step",
+                       desc=desc if max_seconds is None else f"{desc} (at most {max_seconds:g} s)")
+    result.out_of_time = start < steps and out_of_time()
     sums: dict[str, float] = {}
     count = 0
     fmt = torch.channels_last if channels_last else None
@@ -282,7 +311,7 @@ def train_steps(
         model = ddp_utils.wrap(module, ctx)  # after loading and the format: every rank starts from the same weights
         model.train()
         batches = _batches(loader, done=start)  # per process: each step takes one batch on every rank
-        while result.step < steps:
+        while result.step < steps and not result.out_of_time:
             lr_img, hr_img = next(batches)[:2]
             lr_img = lr_img.to(dev, non_blocking=True)
             hr_img = hr_img.to(dev, non_blocking=True)
@@ -301,11 +330,12 @@ def train_steps(
             result.step += 1
             if ema is not None:
                 ema.update(result.step)
+            result.out_of_time = out_of_time()
             count += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if result.step % log_every == 0 or result.step == steps:
+            if result.step % log_every == 0 or result.step == steps or result.out_of_time:
                 entry = {"step": float(result.step), **{k: v / count for k, v in sums.items()}}
                 result.history.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4g}")
@@ -321,6 +351,7 @@ def train_steps(
         raise
     finally:
         result.seconds = time.perf_counter() - t0
+        result.total_seconds = spent + result.seconds
         bar.close()
         if fmt is not None:
             module.to(memory_format=torch.contiguous_format)

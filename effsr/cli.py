@@ -30,7 +30,7 @@ __all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_jso
            "HelpFormatter", "model_help"]
 
 
-from .cli_core import (COMMANDS, CLIError, HelpFormatter, command, error_line,  # noqa: E402
+from .cli_core import (COMMANDS, ArgumentParser, CLIError, HelpFormatter, command, error_line,  # noqa: E402
                        model_help)
 from .cli_model import add_model_args, model_label, open_model  # noqa: E402
 
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     import effsr.shrink.commands  # noqa: F401  (registers `shrink` and `demo`; it imports effsr.cli_core only)
     import effsr.export.cli  # noqa: F401  (registers `export`)
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="effsr", formatter_class=HelpFormatter,
         description="Efficient super-resolution toolkit: profile, evaluate, time and shrink SR networks.")
     parser.add_argument("--version", action="version", version=f"effsr {_version()}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from typing import NoReturn
 from collections.abc import Callable
 
-__all__ = ["CLIError", "Command", "COMMANDS", "command", "error_line", "HelpFormatter", "model_help"]
+__all__ = ["ArgumentParser", "CLIError", "Command", "COMMANDS", "command", "error_line", "HelpFormatter", "model_help"]
 
 
 class CLIError(Exception):
@@ -63,6 +64,13 @@ def error_line(exc: BaseException, limit: int = 600) -> str:
         lines = [head + hint + ";"] + ([lines[0][len(head):]] + lines[1:] if lines else [])
     text = " ".join(lines) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a missing or malformed option) are one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):

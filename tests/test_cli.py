@@ -57,7 +57,10 @@ def test_no_command_and_argparse_errors_exit_2(capsys):
     code, _, err = _run(capsys)
     assert code == 2 and "usage" in err
     code, _, err = _run(capsys, "eval", "--model", "rfdn")          # --weights missing
-    assert code == 2 and "--weights" in err
+    assert code == 2 and "--weights" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = _run(capsys, "eval", "--model", "rfdn", "--weights", "w.pth", "--tile", "x")
+    assert code == 2 and err.strip().splitlines() == [
+        "effsr eval: error: argument --tile: invalid int value: 'x' (see effsr eval --help)"], err
     code, _, _ = _run(capsys, "--help")
     assert code == 0
 

@@ -720,3 +720,72 @@ def test_train_steps_progress_names_the_job(capsys, monkeypatch):
                 desc="teacher training")
     err = capsys.readouterr().err
     assert "teacher training: 2/2 step (100%)" in err and "\r" not in err
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that advances one second per training step (driven by ``on_step``)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.8])
+def test_train_steps_time_budget_stops_resumes_and_caps(tmp_path, monkeypatch, ema_decay):
+    """``max_seconds``: training ends once the budget is spent (the check after step k sees k - 1 seconds here,
+    so 3.5 s end after step 5), the checkpoint carries the time spent, an interrupted run resumed under the same
+    budget ends at the same step with the same weights, a spent budget trains nothing more, ``steps`` still caps."""
+    import distill.train as train_mod
+
+    lr, hr = batch(n=8)
+    ds = torch.utils.data.TensorDataset(lr, hr)
+
+    def run(ckpt, stop=None, steps=100, clock_start=0.0, max_seconds=3.5):
+        clock = _Clock(clock_start)
+        monkeypatch.setattr(train_mod.time, "perf_counter", clock)
+        torch.manual_seed(0)
+        teacher, student = models()
+        d = Distiller(teacher, student, pairs=PAIRS, gt_weight=1.0)
+
+        def hook(step):
+            clock.now += 1.0
+            if step == stop:
+                raise KeyboardInterrupt
+
+        try:
+            res = train_steps(d, ds, steps=steps, batch_size=2, checkpoint=ckpt, checkpoint_every=100, seed=5,
+                              progress=False, on_step=hook, log_every=100, ema_decay=ema_decay,
+                              max_seconds=max_seconds)
+        finally:
+            d.close()
+        return student, res
+
+    ref, res = run(tmp_path / "ref.pt")
+    assert (res.step, res.out_of_time, res.seconds, res.total_seconds) == (5, True, 5.0, 5.0)
+    assert [h["step"] for h in res.history] == [5.0]  # the last step is logged although 5 % log_every != 0
+    assert torch.load(tmp_path / "ref.pt", weights_only=True)["seconds"] == 5.0
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", stop=2)
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["seconds"] == 2.0
+    resumed, res = run(tmp_path / "cut.pt", clock_start=100.0)
+    assert (res.start_step, res.step, res.out_of_time, res.total_seconds) == (2, 5, True, 5.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))
+    again, res = run(tmp_path / "ref.pt")  # the budget is spent: nothing more is trained, the same weights come back
+    assert (res.steps_run, res.out_of_time) == (0, True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), again.state_dict().values()))
+    _, res = run(tmp_path / "capped.pt", steps=3)  # steps reached first
+    assert (res.step, res.out_of_time) == (3, False)
+    _, res = run(None, max_seconds=None, steps=7)  # no budget: the clock plays no part
+    assert (res.step, res.out_of_time) == (7, False)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "10"])
+def test_train_steps_time_budget_argument_errors(bad):
+    teacher, student = models()
+    lr, hr = batch(n=4)
+    d = Distiller(teacher, student, pairs=PAIRS, gt_weight=1.0)
+    with pytest.raises(ValueError, match="max_seconds"):
+        train_steps(d, torch.utils.data.TensorDataset(lr, hr), steps=1, batch_size=2, progress=False, max_seconds=bad)
+    d.close()

@@ -104,8 +104,11 @@ def test_effsr_eval_reloads_student(full_run, tiny, tmp_path):
     with pytest.raises(ValueError, match="shrunk 'rfdn'"):
         load_hook("rlfn", student)
     assert load_hook("rfdn", tiny["root"] / "missing.safetensors") is None
-    # `import effsr` registers the recipe reader with effsr.models.load: the student loads by name
-    assert load_hook in models.LOADERS
+    # effsr.models.load imports the recipe reader for a file carrying its metadata key: the student loads by name
+    from effsr.shrink.recipe import METADATA_KEY
+
+    assert models.LAZY_LOADERS[METADATA_KEY] == "effsr.shrink.recipe:load_hook"
+    assert load_hook in models.loaders_for(student) and load_hook not in models.loaders_for(tiny["root"] / "x.pth")
     net = models.load("rfdn", student)
     assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in models.build("rfdn", **TINY).parameters())
     with pytest.raises(ValueError, match="config: .*own architecture"):
@@ -180,6 +183,8 @@ def test_ema_decay_reaches_every_fine_tune(tiny, full_run, tmp_path):
     (("--model-config", "[1, 2]"), "--model-config"),
     (("--lr-schedule", "linear"), "--lr-schedule"),
     (("--ema-decay", "1"), "--ema-decay"),
+    (("--train-minutes", "0"), "--train-minutes"),
+    (("--train-minutes", "x"), "--train-minutes"),
 ])
 def test_bad_arguments_fail_before_any_work(tiny, tmp_path, capsys, change, expected):
     out = tmp_path / "never"
@@ -375,3 +380,35 @@ def test_demo_teacher_training_resumes_mid_training(tmp_path, monkeypatch, capsy
     assert not list(cut.glob(".teacher_training-*.pt"))
     a, b = load_file(str(tmp_path / "ref" / "teacher.safetensors")), load_file(str(cut / "teacher.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_minutes_budget_ends_each_fine_tune_and_is_recorded(tiny, tmp_path):
+    """``--train-minutes``: without ``--steps`` each fine-tune runs until its time budget (here a tiny one, so
+    every fine-tune stops after its first step or few), logs that the budget ended it and records it; the
+    fingerprint of a run without a budget is unchanged by the new setting."""
+    out = tmp_path / "budget"
+    argv = _argv(tiny, out, "--train-minutes", "0.0002")
+    i = argv.index("--steps")
+    del argv[i:i + 2]
+    assert cli.main(argv) == 0
+    log = (out / "log.txt").read_text()
+    assert log.count("the --train-minutes 0.0002 budget reached") == 4, log  # repify, 2 pruning rounds, Tucker
+    ft = json.loads((out / "stages" / "4_tucker.json").read_text())["result"]["finetune"]
+    assert ft["out_of_time"] and 1 <= ft["steps"] < 1000 and ft["train_seconds"] >= 0.012
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_minutes"] == 0.0002 and cfg["steps"] == 1_000_000
+    base = dict(model="rfdn", weights="", train_data="default", eval_data=["default"], out="o")
+    assert ShrinkConfig(**base).fingerprint() == ShrinkConfig(**base, steps=100).fingerprint()
+    assert ShrinkConfig(**base, train_minutes=5).fingerprint() != ShrinkConfig(**base).fingerprint()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"train_minutes": 0}, "--train-minutes"), ({"train_minutes": -1.0}, "--train-minutes"),
+    ({"train_minutes": float("inf")}, "--train-minutes"), ({"train_minutes": "5"}, "--train-minutes"),
+    ({"train_minutes": 5, "lr_schedule": "cosine"}, "--lr-schedule"),
+])
+def test_train_minutes_bad_values_name_the_flag(tmp_path, kw, match):
+    base = dict(model="rfdn", weights=str(tmp_path / "w.pth"), train_data="default", eval_data=["default"],
+                out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=match):
+        ShrinkConfig(**base, **kw).validate(check_files=False)

@@ -30,9 +30,12 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repify", default=None, metavar="BLOCK",
                    help="turn the student's 3x3 convs into this rep block first (ecb, rrrb, dbb, ...; "
                         "default: no repify)")
-    p.add_argument("--steps", type=int, default=100, metavar="N",
+    p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="distillation steps after repify, each pruning step and Tucker, or after the data-aware "
-                        "compression (0: training-free) (default 100)")
+                        "compression (0: training-free) (default 100, or no cap with --train-minutes)")
+    p.add_argument("--train-minutes", type=float, default=None, metavar="M",
+                   help="time budget of each distillation fine-tune: it ends after M minutes of training or "
+                        "--steps steps, whichever comes first (the steps done depend on the machine)")
     p.add_argument("--target-params", type=int, default=None, metavar="N",
                    help="data-aware path: the student's parameter budget (<= N): calibration, one-shot "
                         "compression in closed form, then --steps of distillation (default: off)")
@@ -157,7 +160,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         tucker=args.tucker, repify=args.repify, steps=args.steps, batch_size=args.batch_size,
         patch_size=args.patch_size, lr=args.lr, lr_schedule=args.lr_schedule, feature_weight=args.feature_weight,
         feature_layers=_feature_layers(args.feature_layers),
-        ema_decay=args.ema_decay, channels_last=args.channels_last, device=args.device,
+        ema_decay=args.ema_decay, train_minutes=args.train_minutes, channels_last=args.channels_last, device=args.device,
         seed=args.seed, resume=args.resume, peers=args.peers, peers_dir=args.peers_dir,
         max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
         runtime_trials=args.runtime_trials, tucker_min_channels=args.tucker_min_channels,

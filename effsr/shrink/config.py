@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ CALIB_PATCH = 48
 #: Alternating refinement rounds of each data-aware Tucker fit (RFDN at -33 %: +0.07 dB Set5 for 1.3x the time).
 TUCKER_REFINE = 2
 
+#: Distillation steps of every fine-tune when neither ``--steps`` nor ``--train-minutes`` is given.
+DEFAULT_STEPS = 100
+#: The step cap of a fine-tune given only ``--train-minutes`` (the time budget ends it long before).
+TIME_BUDGET_STEPS = 1_000_000
+
 #: Learning-rate schedules of the distillation fine-tunes (``--lr-schedule``).
 LR_SCHEDULES = ("constant", "cosine")
 #: Where a cosine schedule ends, as a fraction of ``lr``.
@@ -28,7 +34,8 @@ COSINE_FLOOR = 0.05
 
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
-_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "input_range": None, "scale": None, "weights_key": None, "feature_layers": None}
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "input_range": None, "scale": None,
+                              "weights_key": None, "feature_layers": None}
 
 __all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
 
@@ -58,7 +65,8 @@ class ShrinkConfig:
     """Settings of ``effsr shrink`` (see docs/shrink.md). Call :meth:`validate` before running.
 
     ``prune=0`` skips pruning, ``tucker=None`` skips Tucker, ``repify=None`` skips repify. ``steps`` is
-    the number of distillation fine-tuning steps after repify, after *each* pruning step and after Tucker.
+    the number of distillation fine-tuning steps after repify, after *each* pruning step and after Tucker
+    (None: 100, or as many as ``train_minutes`` allows when that is set; ``validate`` fills it in).
     ``train_data`` / ``eval_data`` are folders (``HR/`` [+ ``LR_bicubic/X4``]) or ``"default"``
     (scikit-image photos); ``model_config`` is passed to ``effsr.models.load`` (e.g. ``{"nf": 24}``).
     """
@@ -72,7 +80,7 @@ class ShrinkConfig:
     prune_steps: int = 1
     tucker: float | None = None
     repify: str | None = None
-    steps: int = 100
+    steps: int | None = None
     batch_size: int = 16
     patch_size: int | None = 48  #: LR patch side; None = auto (:func:`effsr.data.select_patch_pairs`)
     lr: float = 1e-4
@@ -90,6 +98,9 @@ class ShrinkConfig:
     #: distil toward an exponential moving average of the student's weights (``--ema-decay``; None: off),
     #: see :class:`distill.ema.WeightEMA`
     ema_decay: float | None = None
+    #: a time budget of every distillation fine-tune in minutes (``--train-minutes``; None: ``steps`` only):
+    #: a fine-tune ends after ``steps`` or this much training time, whichever comes first
+    train_minutes: float | None = None
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
@@ -159,10 +170,14 @@ class ShrinkConfig:
             raise ValueError(f"--tucker: the fraction of conv parameters to keep must be in (0, 1], got {self.tucker!r}")
         if self.repify is not None:
             self._check_block(self.repify)
-        for name in ("steps",):
-            v = getattr(self, name)
-            if not is_int(v) or v < 0:
-                raise ValueError(f"--{name} must be an int >= 0, got {v!r}")
+        if self.train_minutes is not None and (not is_number(self.train_minutes)
+                                               or not math.isfinite(float(self.train_minutes))
+                                               or not float(self.train_minutes) > 0):
+            raise ValueError(f"--train-minutes must be a number > 0, got {self.train_minutes!r}")
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS if self.train_minutes is None else TIME_BUDGET_STEPS
+        if not is_int(self.steps) or self.steps < 0:
+            raise ValueError(f"--steps must be an int >= 0, got {self.steps!r}")
         for name in ("batch_size", "runtime_trials", "verify_images", "tucker_min_channels", "checkpoint_every"):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
@@ -179,6 +194,9 @@ class ShrinkConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule: unknown schedule {self.lr_schedule!r}; choose from "
                              f"{', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule != "constant" and self.train_minutes is not None:
+            raise ValueError(f"--lr-schedule {self.lr_schedule} decays over a known number of steps; with "
+                             "--train-minutes the steps depend on the machine's speed: use the constant schedule")
         if not isinstance(self.channels_last, bool):
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
@@ -306,6 +324,8 @@ class ShrinkConfig:
         skip = {"out", "resume", "progress", "peers", "peers_dir", "runtime_trials", "device", "eval_data",
                 "max_eval_images", "verify_images", "checkpoint_every", *exclude}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if d.get("steps", 0) is None:  # as validate() resolves it
+            d["steps"] = DEFAULT_STEPS if self.train_minutes is None else TIME_BUDGET_STEPS
         for k, off in _ADDED_OFF.items():  # settings added later hash as before while they are off
             if k in d and d[k] == off:
                 del d[k]

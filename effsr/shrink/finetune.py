@@ -144,6 +144,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
         res = distill.train_steps(d, ds, steps, lr=cfg.lr, batch_size=cfg.batch_size, device=state.device,
                                   seed=seed, scheduler_fn=lr_scheduler(cfg.lr_schedule, steps),
                                   channels_last=cfg.channels_last, ema_decay=cfg.ema_decay,
+                                  max_seconds=cfg.train_minutes * 60 if cfg.train_minutes is not None else None,
                                   progress=cfg.progress, ctx=state.dist,
                                   log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
                                   checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
@@ -152,7 +153,8 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
         d.close()
     student.eval()
     hist = res.history
-    info = {"steps": res.step, "seconds": round(res.seconds, 3), "pairs": names, "feature_layers": how,
+    info = {"steps": res.step, "seconds": round(res.seconds, 3), "train_seconds": round(res.total_seconds, 3),
+            "out_of_time": res.out_of_time, "pairs": names, "feature_layers": how,
             "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
             "ema_decay": res.ema_decay}
     if res.lr_capped:
@@ -163,6 +165,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
     resumed = f" (resumed at step {res.start_step})" if res.start_step else ""
     ema = f"; student = their weight average (EMA decay {res.ema_decay:g})" if res.ema_decay is not None else ""
     state.log(f"{label}: feature distillation at {', '.join(names) or 'the output only'}: {how}")
+    budget = f", the --train-minutes {cfg.train_minutes:g} budget reached" if res.out_of_time else ""
     state.log(f"{label}: {res.step} distillation steps{resumed}, loss {info['loss_first']} -> {info['loss_last']} "
-              f"({res.seconds:.1f} s){ema}")
+              f"({res.seconds:.1f} s{budget}){ema}")
     return info
