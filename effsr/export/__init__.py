@@ -10,14 +10,57 @@
 ``effsr export`` (:mod:`effsr.export.cli`) does all of it and writes ``export.json``; see ``docs/export.md``.
 Needs the ``export`` extra: ``pip install effsr[export]`` (onnx, onnxscript, onnxruntime).
 """
-from .onnx import INPUT_NAME, MIN_SIZE, OUTPUT_NAME, prepare, to_onnx
-from .quantize import (METHODS, Int8Quantizer, calibration_patches, conv_layers, pick_keep_fp32, qdq_summary,
-                       quantize_int8)
-from .session import OnnxSR, read_meta, session
-from .verify import FP32_TOLERANCE, ExportMismatchError, verify
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule that defines it (imported on first use: ``effsr export --help`` loads none).
+_EXPORTS = {
+    **dict.fromkeys(("INPUT_NAME", "MIN_SIZE", "OUTPUT_NAME", "prepare", "to_onnx"), "onnx"),
+    **dict.fromkeys(("METHODS", "Int8Quantizer", "calibration_patches", "conv_layers", "pick_keep_fp32",
+                     "qdq_summary", "quantize_int8"), "quantize"),
+    **dict.fromkeys(("OnnxSR", "read_meta", "session"), "session"),
+    **dict.fromkeys(("FP32_TOLERANCE", "ExportMismatchError", "verify"), "verify"),
+}
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on demand
+    from .onnx import INPUT_NAME, MIN_SIZE, OUTPUT_NAME, prepare, to_onnx
+    from .quantize import (METHODS, Int8Quantizer, calibration_patches, conv_layers, pick_keep_fp32,
+                           qdq_summary, quantize_int8)
+    from .session import OnnxSR, read_meta, session
+    from .verify import FP32_TOLERANCE, ExportMismatchError, verify
 
 __all__ = [
     "to_onnx", "prepare", "verify", "quantize_int8", "calibration_patches", "Int8Quantizer", "pick_keep_fp32",
     "conv_layers", "qdq_summary", "OnnxSR", "session", "read_meta", "ExportMismatchError", "FP32_TOLERANCE",
     "METHODS", "INPUT_NAME", "OUTPUT_NAME", "MIN_SIZE",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``export.verify`` and ``export.session`` stay the functions when their submodules are imported (the
+    import system sets a package attribute named after each submodule it loads)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

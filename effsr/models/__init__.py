@@ -18,8 +18,8 @@ from .conv import apply_conv, conv_slots, is_slot, normalize_conv
 from .esa import ESA, ESALite
 from .fmen import FMEN, HFAB, BasicBlock, RepSlot
 from .imdn import IMDN, IMDBlock
-from .registry import (LOADERS, NETWORKS, CheckpointMismatchError, build, check_state_dict, load, names,
-                       read_state_dict, register_loader)
+from .registry import (LAZY_LOADERS, LOADERS, NETWORKS, CheckpointMismatchError, build, check_state_dict, load,
+                       loaders_for, names, read_state_dict, register_loader)
 from .rfdn import RFDB, RFDN, RFDNPruned
 from .rlfn import RLFB, RLFN
 from .naming import open_model
@@ -30,6 +30,6 @@ __all__ = [
     "build", "load", "names", "read_state_dict", "check_state_dict", "CheckpointMismatchError", "NETWORKS",
     "SRNet", "RFDN", "RFDNPruned", "RFDB", "RLFN", "RLFB", "FMEN", "HFAB", "BasicBlock", "RepSlot", "IMDN",
     "IMDBlock", "ESA", "ESALite", "apply_conv", "conv_slots", "is_slot", "normalize_conv", "LOADERS",
-    "register_loader", "open_model", "wrap", "open_network", "build_network", "measure_scale", "source_of",
+    "LAZY_LOADERS", "loaders_for", "register_loader", "open_model", "wrap", "open_network", "build_network", "measure_scale", "source_of",
     "NetworkSource", "is_user_spec", "parse_model",
 ]

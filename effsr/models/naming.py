@@ -13,7 +13,7 @@ from torch import nn
 
 from distill.ranges import declared_input_range
 
-from .registry import LOADERS, build, load, names
+from .registry import build, load, loaders_for, names
 from .user import check_config, check_input_range, is_user_spec, open_network
 
 __all__ = ["open_model"]
@@ -53,7 +53,7 @@ def open_model(model: str | None, weights: str | os.PathLike[str] | None = None,
     if model is not None and not isinstance(model, str):
         raise TypeError(f"model must be a str or None, got {type(model).__name__}")
     if weights is not None:
-        for loader in LOADERS:  # a student written by effsr shrink (its recipe in the file's metadata)
+        for loader in loaders_for(weights):  # a student written by effsr shrink (its recipe in the file's metadata)
             special = loader(model, weights)
             if special is not None:
                 if config:

@@ -17,7 +17,7 @@ from .rfdn import RFDN, RFDNPruned
 from .rlfn import RLFN
 
 __all__ = ["NETWORKS", "names", "build", "load", "read_state_dict", "check_state_dict", "CheckpointMismatchError",
-           "LOADERS", "register_loader", "read_state_dict_with_key"]
+           "LOADERS", "LAZY_LOADERS", "register_loader", "loaders_for", "read_state_dict_with_key"]
 
 NETWORKS: dict[str, type[SRNet]] = {
     "rfdn": RFDN,
@@ -28,9 +28,13 @@ NETWORKS: dict[str, type[SRNet]] = {
 }
 
 #: File loaders :func:`load` asks first, in order: ``loader(name, path) -> network or None`` (None: "not
-#: mine"). Layers above this one register theirs (``effsr.shrink.recipe`` registers the reader of shrunk
-#: students when imported; ``import effsr`` imports it), so this module imports none of them.
+#: mine"). :func:`register_loader` adds one; this module imports none of them.
 LOADERS: list[Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]] = []
+
+#: Loaders imported on first use, keyed by the safetensors metadata key that marks the files they read:
+#: ``key -> "module:function"``. A file without such a key never imports its loader, so loading a zoo
+#: checkpoint does not load the shrink pipeline. ``effsr_recipe`` marks a student written by ``effsr shrink``.
+LAZY_LOADERS: dict[str, str] = {"effsr_recipe": "effsr.shrink.recipe:load_hook"}
 
 
 def register_loader(loader: Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]
@@ -41,6 +45,35 @@ def register_loader(loader: Callable[[str, "str | os.PathLike[str]"], "nn.Module
     if loader not in LOADERS:
         LOADERS.append(loader)
     return loader
+
+
+def _metadata_keys(path: str | os.PathLike[str]) -> set[str]:
+    """The metadata keys of a safetensors file (its JSON header only); empty for any other or unreadable file."""
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return set()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return set(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - truncated or foreign file: no loader claims it, read_state_dict reports it
+        return set()
+
+
+def loaders_for(path: str | os.PathLike[str]
+                ) -> list[Callable[[str, "str | os.PathLike[str]"], "nn.Module | None"]]:
+    """The loaders to ask for ``path``: those of :data:`LAZY_LOADERS` whose key the file carries (imported
+    now), then :data:`LOADERS`."""
+    import importlib
+
+    found = []
+    keys = _metadata_keys(path) if LAZY_LOADERS else set()
+    for key, ref in LAZY_LOADERS.items():
+        if key in keys:
+            module, _, attr = ref.partition(":")
+            found.append(getattr(importlib.import_module(module), attr))
+    return list(dict.fromkeys([*found, *LOADERS]))
 
 
 #: Wrapper keys some training frameworks put around a state_dict (BasicSR, KAIR, Lightning, ...).
@@ -217,7 +250,7 @@ def load(name: str, path: str | os.PathLike[str], **config: Any) -> SRNet:
     :class:`CheckpointMismatchError` (a ``ValueError``) naming the missing and unexpected keys and the
     shape mismatches.
     """
-    for loader in LOADERS:  # e.g. a student written by `effsr shrink` (its recipe in the file's metadata)
+    for loader in loaders_for(path):  # e.g. a student written by `effsr shrink` (its recipe in the file's metadata)
         special = loader(name, path)
         if special is not None:
             if config:

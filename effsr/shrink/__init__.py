@@ -8,15 +8,48 @@ that reloads without pickles (:func:`load_student`). See docs/shrink.md.
 >>> # run_shrink(ShrinkConfig(model="rfdn", weights="rfdn_aim2020.pth", train_data="t91",
 >>> #                         eval_data=["set5"], out="runs/x", prune=0.33, steps=100))
 >>> # net = load_student("runs/x/student.safetensors")
+
+The names below are imported from their modules on first use, so ``import effsr.shrink.commands`` (the
+CLI's parser) or ``effsr.shrink.recipe`` (reading a student) does not load the whole pipeline.
 """
-from .config import ShrinkConfig, find_peers_dir
-from .runner import StageRunner, run_shrink
-from .stages import STAGES, Stage
-from .state import RunState
-from .verify import VerificationError, verify_same
-from .recipe import build_from_recipe, has_recipe, load_student, read_recipe, save_student
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule that defines it.
+_EXPORTS = {
+    "ShrinkConfig": "config", "find_peers_dir": "config",
+    "StageRunner": "runner", "run_shrink": "runner",
+    "STAGES": "stages", "Stage": "stages",
+    "RunState": "state",
+    "VerificationError": "verify", "verify_same": "verify",
+    "build_from_recipe": "recipe", "has_recipe": "recipe", "load_student": "recipe", "read_recipe": "recipe",
+    "save_student": "recipe",
+}
 
 __all__ = [
     "ShrinkConfig", "find_peers_dir", "run_shrink", "STAGES", "Stage", "RunState", "StageRunner", "VerificationError",
     "verify_same", "build_from_recipe", "load_student", "save_student", "read_recipe", "has_recipe",
 ]
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on demand
+    from .config import ShrinkConfig, find_peers_dir
+    from .recipe import build_from_recipe, has_recipe, load_student, read_recipe, save_student
+    from .runner import StageRunner, run_shrink
+    from .stages import STAGES, Stage
+    from .state import RunState
+    from .verify import VerificationError, verify_same
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

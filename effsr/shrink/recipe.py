@@ -25,7 +25,6 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from effsr.models.registry import register_loader
 from reparam.utils.io import write_json, write_safetensors
 from reparam.utils.modules import replace_module
 
@@ -286,8 +285,6 @@ def load_hook(name: str | None, path: str | os.PathLike[str]) -> nn.Module | Non
                          f"student), not {name!r}; load it with name={model.arch!r}")
     return model
 
-
-register_loader(load_hook)  # effsr.models.load reads shrunk students through this
 
 
 def load_student(path: str | os.PathLike[str], device: str | torch.device = "cpu",
