@@ -19,53 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "command", "COMMANDS", "CLIError", "build_parser", "write_json_atomic", "error_line",
            "HelpFormatter", "model_help"]
 
 
-from .cli_core import (COMMANDS, ArgumentParser, CLIError, HelpFormatter, command, error_line,  # noqa: E402
-                       model_help)
+from .cli_core import (COMMANDS, ArgumentParser, CLIError, HelpFormatter, StagedDir,  # noqa: E402
+                       check_output_dir, check_output_file, command, error_line, model_help, open_data,
+                       write_json_atomic)
 from .cli_model import add_model_args, model_label, open_model  # noqa: E402
-
-
-# ------------------------------------------------------------------------------------------ utilities
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (:func:`reparam.utils.io.write_json`, umask respected)."""
-    from reparam.utils.io import write_json
-
-    return write_json(path, obj, default=None)
-
-
-def _check_output_file(path: str | None, what: str) -> None:
-    """Fail before any work when ``path`` cannot become a file."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise CLIError(f"{what} {path} is a directory, expected a file path")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CLIError(f"{what} {path}: {parent} is not a directory")
-            if not os.access(parent, os.W_OK):
-                raise CLIError(f"{what} {path}: {parent} is not writable")
-            break
-
-
-def check_output_dir(path: str | None, what: str) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"{what} {path} exists and is not a directory")
-    _check_output_file(str(p / "x"), what)
 
 
 def _version() -> str:
@@ -92,53 +57,6 @@ def _model_names() -> list[str]:
     return list(models.names())
 
 
-def open_data(spec: str, scale: int) -> Any:
-    from . import data
-
-    if spec != "default":
-        p = Path(spec)
-        if not p.exists():
-            raise CLIError(f"data not found: {spec}")
-        if not p.is_dir():
-            raise CLIError(f"data must be a directory (HR/ [+ LR_bicubic/X{scale}/]) or 'default': {spec}")
-    try:
-        pairs = data.open_dataset(spec, scale=scale)
-    except (ValueError, OSError, KeyError) as exc:
-        raise CLIError(f"cannot open data {spec}: {error_line(exc)}") from exc
-    if len(pairs) == 0:
-        raise CLIError(f"no images found in {spec}")
-    return pairs
-
-
-class StagedDir:
-    """A hidden staging folder next to ``target``; :meth:`commit` moves its files into ``target``."""
-
-    def __init__(self, target: str | None) -> None:
-        self.target = Path(target) if target else None
-        self.path: Path | None = None
-
-    def __enter__(self) -> StagedDir:
-        if self.target is not None:
-            # Stage in the nearest existing ancestor (same file system, so os.replace works) and
-            # create nothing else until commit().
-            parent = self.target.resolve().parent
-            while not parent.exists():
-                parent = parent.parent
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
-        return self
-
-    def commit(self) -> None:
-        if self.target is None or self.path is None:
-            return
-        self.target.mkdir(parents=True, exist_ok=True)
-        for f in sorted(self.path.iterdir()):
-            os.replace(f, self.target / f.name)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------- profile
 def _profile_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, what="network name(s), or 'all'")
@@ -156,7 +74,7 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 def _profile(args: argparse.Namespace) -> int:
     from .metrics import format_table, profile
 
-    _check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json")
     specs = args.model or [None]
     names = _model_names() if specs == ["all"] else list(dict.fromkeys(specs))
     if len(names) > 1 and (args.model_config or args.weights):
@@ -218,7 +136,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .inference import evaluate
 
-    _check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json")
     check_output_dir(args.save_images, "--save-images")
     _check_tile_args(args)
     device = _device(args.device)
@@ -262,7 +180,7 @@ def _runtime(args: argparse.Namespace) -> int:
 
     from .metrics import runtime
 
-    _check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json")
     _check_tile_args(args)
     if args.trials < 1 or args.warmup < 0:
         raise CLIError("--trials must be >= 1 and --warmup >= 0")

@@ -1,18 +1,24 @@
-"""The command registry of the ``effsr`` CLI: :class:`CLIError`, :func:`command`, :data:`COMMANDS`.
+"""The command registry of the ``effsr`` CLI (:class:`CLIError`, :func:`command`, :data:`COMMANDS`) and the
+helpers every command shares (output checks, :class:`StagedDir`, :func:`write_json_atomic`, :func:`open_data`).
 
-Command modules (``effsr.cli``'s own, ``effsr.shrink.commands``, ...) import only this module, and
-``effsr.cli`` imports them to build its parser, so the dependencies point one way:
-``effsr.cli -> command modules -> effsr.cli_core``.
+Command modules (``effsr.cli``'s own, ``effsr.shrink.commands``, ``effsr.export.cli``, ...) import only this
+module (and :mod:`effsr.cli_model`), and ``effsr.cli`` imports them to build its parser, so the dependencies
+point one way: ``effsr.cli -> command modules -> effsr.cli_core``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
-from typing import NoReturn
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "CLIError", "Command", "COMMANDS", "command", "error_line", "HelpFormatter", "model_help"]
+__all__ = ["ArgumentParser", "CLIError", "Command", "COMMANDS", "command", "error_line", "HelpFormatter", "model_help",
+           "write_json_atomic", "check_output_file", "check_output_dir", "open_data", "StagedDir"]
 
 
 class CLIError(Exception):
@@ -94,3 +100,83 @@ def model_help(what: str = "network name") -> str:
     from effsr import models
 
     return f"{what}: one of {', '.join(models.names())}"
+
+
+# ------------------------------------------------------------------------------------------ utilities
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`reparam.utils.io.write_json`, umask respected)."""
+    from reparam.utils.io import write_json
+
+    return write_json(path, obj, default=None)
+
+
+def check_output_file(path: str | None, what: str) -> None:
+    """Fail before any work when ``path`` cannot become a file."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{what} {path} is a directory, expected a file path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{what} {path}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK):
+                raise CLIError(f"{what} {path}: {parent} is not writable")
+            break
+
+
+def check_output_dir(path: str | None, what: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{what} {path} exists and is not a directory")
+    check_output_file(str(p / "x"), what)
+
+
+def open_data(spec: str, scale: int) -> Any:
+    from effsr import data
+
+    if spec != "default":
+        p = Path(spec)
+        if not p.exists():
+            raise CLIError(f"data not found: {spec}")
+        if not p.is_dir():
+            raise CLIError(f"data must be a directory (HR/ [+ LR_bicubic/X{scale}/]) or 'default': {spec}")
+    try:
+        pairs = data.open_dataset(spec, scale=scale)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CLIError(f"cannot open data {spec}: {error_line(exc)}") from exc
+    if len(pairs) == 0:
+        raise CLIError(f"no images found in {spec}")
+    return pairs
+
+
+class StagedDir:
+    """A hidden staging folder next to ``target``; :meth:`commit` moves its files into ``target``."""
+
+    def __init__(self, target: str | None) -> None:
+        self.target = Path(target) if target else None
+        self.path: Path | None = None
+
+    def __enter__(self) -> StagedDir:
+        if self.target is not None:
+            # Stage in the nearest existing ancestor (same file system, so os.replace works) and
+            # create nothing else until commit().
+            parent = self.target.resolve().parent
+            while not parent.exists():
+                parent = parent.parent
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
+        return self
+
+    def commit(self) -> None:
+        if self.target is None or self.path is None:
+            return
+        self.target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.path.iterdir()):
+            os.replace(f, self.target / f.name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)

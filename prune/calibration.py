@@ -46,7 +46,7 @@ from reparam import RepBlock
 from reparam.utils.modules import eval_mode
 
 __all__ = ["im2col", "conv_geometry", "ConvGeometry", "ConvStats", "Calibration", "DEFAULT_SAMPLES",
-           "conv_kernel", "conv_has_bias", "write_conv_kernel"]
+           "conv_kernel", "conv_has_bias", "write_conv_kernel", "conv_units"]
 
 #: Default number of calibration samples (patches).
 DEFAULT_SAMPLES = 64
@@ -711,3 +711,22 @@ def _is_conv_like(m: nn.Module) -> bool:
         return not m.transposed
     return all(hasattr(m, a) for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                                         "dilation", "groups", "padding_mode")) and hasattr(m, "fused_kernel")
+
+
+def conv_units(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv-like units by name: outermost ``RepBlock``s and ``nn.Conv2d`` not inside one."""
+    out: dict[str, nn.Module] = {}
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        for name, child in m.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, RepBlock) or (isinstance(child, nn.Conv2d) and not child.transposed):
+                out[full] = child
+            else:
+                walk(child, full)
+
+    if isinstance(model, RepBlock) or isinstance(model, nn.Conv2d):
+        out[""] = model
+    else:
+        walk(model, "")
+    return out

@@ -11,6 +11,8 @@ from torch_pruning.pruner import function
 from reparam import RepBlock
 from reparam.utils.modules import eval_mode
 
+from .calibration import Calibration, conv_units
+
 __all__ = ["L2FilterImportance", "ActivationImportance", "ReconstructionImportance", "rep_block_output_kernel"]
 
 _OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels)
@@ -151,7 +153,6 @@ class ReconstructionImportance:
     """
 
     def __init__(self, calibration: Any, ridge: float = 1e-4) -> None:
-        from .calibration import Calibration
         if not isinstance(calibration, Calibration):
             raise TypeError(f"calibration must be a prune.calibration.Calibration, got {type(calibration).__name__}")
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
@@ -163,7 +164,6 @@ class ReconstructionImportance:
         self._l2 = L2FilterImportance()
 
     def _refresh(self, dg: Any) -> None:
-        from .reconstruct import conv_units
         model = dg.model
         key = (id(dg), tuple((id(p), p._version) for p in model.parameters()))
         if key == self._key:

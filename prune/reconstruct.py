@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from reparam.utils.modules import eval_mode
 from reparam.utils.progress import progress as progress_bar
 
-from reparam import RepBlock
-
-from .calibration import Calibration, ConvStats, conv_geometry, conv_has_bias, conv_kernel, write_conv_kernel
+from .calibration import (Calibration, ConvStats, conv_geometry, conv_has_bias, conv_kernel, conv_units,
+                          write_conv_kernel)
 from .core import HISTORY_ATTR, INPUT_SHAPE_ATTR
 from .graph import build_graph
 
@@ -77,25 +76,6 @@ class ReconstructionReport:
 
 
 # ---------------------------------------------------------------------------------- structure
-def conv_units(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv-like units by name: outermost ``RepBlock``s and ``nn.Conv2d`` not inside one."""
-    out: dict[str, nn.Module] = {}
-
-    def walk(m: nn.Module, prefix: str) -> None:
-        for name, child in m.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, RepBlock) or (isinstance(child, nn.Conv2d) and not child.transposed):
-                out[full] = child
-            else:
-                walk(child, full)
-
-    if isinstance(model, RepBlock) or isinstance(model, nn.Conv2d):
-        out[""] = model
-    else:
-        walk(model, "")
-    return out
-
-
 def kept_channels(teacher: nn.Module, history: Sequence[Sequence[Any]], example_inputs: Tensor
                   ) -> dict[str, tuple[list[int], list[int]]]:
     """``{conv name: (kept output channels, kept input channels)}`` (indices into the teacher's conv)

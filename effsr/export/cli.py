@@ -60,7 +60,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from effsr.cli import check_output_dir
+    from effsr.cli_core import check_output_dir
 
     check_output_dir(args.out, "--out")
     if args.input_size is not None and min(args.input_size) < 8:
@@ -107,7 +107,7 @@ def _keep_fp32(spec: str | None) -> str | list[str]:
 
 def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's work; returns (exit code, report). Files appear in ``--out`` only on success."""
-    from effsr.cli import open_data, StagedDir, write_json_atomic
+    from effsr.cli_core import StagedDir, open_data, write_json_atomic
 
     from . import quantize as q
     from .onnx import prepare

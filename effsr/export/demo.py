@@ -24,7 +24,7 @@ def export_student(weights: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     Writes ``<arch>.onnx``, ``<arch>.int8.onnx`` and ``export.json`` (all or nothing) and returns the report.
     """
-    from effsr.cli import StagedDir, write_json_atomic
+    from effsr.cli_core import StagedDir, write_json_atomic
     from effsr.shrink.recipe import load_student
 
     from .onnx import prepare

@@ -53,8 +53,8 @@ class StageRunner:
         self.stop_after = stop_after if stop_after is not None else os.environ.get(STOP_ENV) or None
 
     def paths(self, stage: Stage) -> tuple[Path, Path]:
-        base = self.state.run_dir / "stages" / f"{stage.index}_{stage.name}"
-        return base.with_suffix(".safetensors"), base.with_suffix(".json")
+        """:meth:`RunState.stage_paths` of ``stage``."""
+        return self.state.stage_paths(stage)
 
     def _resume(self, stage: Stage, fingerprint: str) -> bool:
         st = self.state

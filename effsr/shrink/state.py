@@ -52,6 +52,12 @@ class RunState:
     def log(self, msg: str) -> None:
         log(msg, self.main, self.logfile)
 
+    def stage_paths(self, stage: Any) -> tuple[Path, Path]:
+        """The files a completed stage leaves: ``RUN_DIR/stages/<index>_<name>.safetensors`` (the student with
+        its recipe) and ``.json`` (what it measured, the settings' fingerprint)."""
+        base = self.run_dir / "stages" / f"{stage.index}_{stage.name}"
+        return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
     def finetune_seed(self, step: int = 0) -> int:
         """Seed of the current stage's distillation fine-tune (pruning round ``step``)."""
         return finetune_seed(self.cfg.seed, self.stage_index, step)
