@@ -103,7 +103,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", nargs="+", default=["ecb", "repconv", "rrrb", "dbb"], help="registered block names")
-    ap.add_argument("--depth", type=int, default=8, help="blocks in the stack (6-8 in the issue)")
+    ap.add_argument("--depth", type=int, default=8, help="blocks in the stack (6-8: an SR trunk's depth)")
     ap.add_argument("--channels", type=int, default=48)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)

@@ -1,4 +1,4 @@
-"""Issue 10's targets: the official RFDN shrunk by ``effsr shrink``'s data-aware path on a CPU.
+"""Quality/time targets: the official RFDN shrunk by ``effsr shrink``'s data-aware path on a CPU.
 
     flock /tmp/effsr-cpu.lock python benchmarks/shrink_targets.py --threads 2 [--configs tucker0,prune0,...]
 
@@ -18,8 +18,8 @@ a configuration already there is skipped unless ``--force``):
 * ``tucker0`` / ``prune0`` (+ ``prune0_budget``, ``prune0_activation``): training-free (``--steps 0``) to
   <= 289,888 params (targets 31.75 / 31.50 dB Set5, <= 3 min);
 * ``tucker10`` / ``auto10``: + distillation sized to ~10 min on 2 cores (target 31.95 dB);
-* distillation runs channels-last (the ``ShrinkConfig`` default); ``--set channels_last=false`` gives the NCHW
-  runs of earlier stops;
+* distillation runs channels-last (the ``ShrinkConfig`` default); ``--set channels_last=false`` gives NCHW
+  runs;
 * ``auto30``: target 32.05 dB; ``half30``: <= 216,724 params (target 31.70 dB): 1000 distillation steps, what
   30 min held in NCHW (1.2-1.35 s/step + ~150 s compress); channels-last they take 13 min (0.6 s/step,
   792 / 758 s measured); ``--steps`` overrides;

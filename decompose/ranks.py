@@ -28,7 +28,7 @@ __all__ = ["RankError", "tucker_params", "conv_params", "ranks_for_fraction", "r
 
 
 class RankError(ValueError, TypeError):
-    """A rank of the wrong type: a ``ValueError`` (the issue's contract) that is also a ``TypeError``."""
+    """A rank of the wrong type: a ``ValueError`` (like every invalid rank) that is also a ``TypeError``."""
 
 
 def conv_params(cout: int, cin: int, kh: int, kw: int, bias: bool) -> int:

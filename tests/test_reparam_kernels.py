@@ -99,7 +99,7 @@ def test_merge_1x1_then_kxk_is_exact_with_bias_padding(cin, mid, cout, k, stride
     w, b = K.merge_sequential((w1, b1), (w2, b2))
     fused = F.conv2d(x, w, b, stride=stride, padding=p, dilation=dil)
     assert rel_err(fused, ref) <= 1e-12
-    # The anchors' fault: zero-padding the 1x1 output breaks the border (whenever the border sees the bias).
+    # Zero-padding the 1x1 output instead (a common mistake) breaks the border whenever the border sees the bias.
     ref_zero_pad = F.conv2d(t, w2, b2, stride=stride, padding=p, dilation=dil)
     assume(rel_err(ref_zero_pad, ref) > 1e-6)
     assert rel_err(fused, ref_zero_pad) > 1e-6

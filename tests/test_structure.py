@@ -343,3 +343,16 @@ def test_generic_mac_counter_with_a_convention():
     c = count_macs(net, x)
     assert (c.macs, c.activations, c.convs) == (27 * 4 * 25 + 4 * 25 + 4 * 2 * 25, 6 * 25, 2)
     assert count_macs(net, x, convention=MacConvention(activations=())).macs == 27 * 4 * 25 + 4 * 2 * 25
+
+
+def test_docs_and_code_say_nothing_about_how_the_project_was_built():
+    """User docs and code comments are timeless: no work-log references ("stop 16", "issue 12", "the prototype's")."""
+    import re
+
+    pattern = re.compile(r"stop [0-9]|this stop|since stop|issue [0-9]|the issue's|prototype|the anchors'", re.I)
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for folder in (*PACKAGES, "benchmarks", "tests", "examples"):
+        paths += sorted(p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".txt", ".cfg", ".toml"))
+    bad = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in paths if p != Path(__file__).resolve()
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not bad, "\n".join(bad)
