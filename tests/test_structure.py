@@ -356,3 +356,12 @@ def test_docs_and_code_say_nothing_about_how_the_project_was_built():
     bad = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in paths if p != Path(__file__).resolve()
            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not bad, "\n".join(bad)
+
+
+def test_license_and_notice_ship_with_the_package():
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # (tomllib needs Python 3.11)
+    assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE", "NOTICE"]' in pyproject
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+    notice = (ROOT / "NOTICE").read_text(encoding="utf-8")
+    for name in ("RFDN", "RLFN", "FMEN", "IMDN", "ECB", "DBB", "RepVGG", "RRRB", "ERB", "ACB", "MobileOne"):
+        assert name in notice, name
