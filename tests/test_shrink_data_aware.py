@@ -144,6 +144,52 @@ def test_auto_keeps_the_better_held_out_candidate(tiny):
     assert comp["chosen"] == best
 
 
+def test_block_refinement_fits_the_pruned_blocks_keeps_a_gain_and_reloads(tiny, prune_run):
+    """``--refine-steps``: the pruned student's B1..Bn blocks, whose outputs lost channels, are fitted to the
+    teacher's kept channels (read from the pruning history); the refined student is kept only when the held-out
+    PSNR-Y rises, is recorded and logged, and reloads from its file to the same PSNR."""
+    out = tiny["root"] / "prune0_refined"
+    target = int(0.6 * tiny["params"])
+    assert cli.main(_argv(tiny, out, "--target-params", str(target), "--method", "prune", "--steps", "0",
+                          "--refine-steps", "30")) == 0
+    comp = _report(out)["stages"]["compress"]
+    ref = comp["refine"]
+    assert ref["steps"] == 30 and ref["blocks"] == ["B1", "B2"] and not ref["skipped"]
+    assert all(b["kept"] == (b["loss_after"] < b["loss_before"]) for b in ref["per_block"])
+    assert any(b["kept"] for b in ref["per_block"])
+    assert ref["kept"] == (ref["held_out_after"] > ref["held_out_before"])
+    assert comp["held_out_psnr_y"] == (ref["held_out_after"] if ref["kept"] else ref["held_out_before"])
+    assert "block refinement of 2 block(s), 30 steps each" in (out / "log.txt").read_text()
+    plain = _report(prune_run)["stages"]["compress"]
+    assert "refine" not in plain and plain["params"] == comp["params"]  # same structure, weights refined or not
+    student = next(m for m in _report(out)["models"] if m["kind"] == "student")
+    reloaded = load_student(out / "student.safetensors")
+    again = inference.evaluate(reloaded, data.open_dataset(tiny["eval"]), progress=False)["psnr_y"]
+    assert again == student["eval"]["eval"]["psnr_y"]
+    if ref["kept"]:
+        assert student["eval"]["eval"]["psnr_y"] != _student_psnr(prune_run)
+
+
+def test_block_output_channels_follow_the_pruning_history(tiny):
+    """The channel map of a pruned block's output is the kept output channels of its last conv (RFDB: c5)."""
+    from prune.core import HISTORY_ATTR
+    from prune.reconstruct import kept_channels
+
+    from effsr.shrink.compress import block_output_channels
+
+    teacher = load_student(tiny["weights"])
+    import prune
+
+    example = torch.rand(1, 3, 32, 32)
+    pruned = prune.l2_filter_prune(teacher, example, 0.3, steps=1, flops_input_size=None, progress=False)
+    chans = block_output_channels(teacher, pruned, ["B1", "B2"], example)
+    keep = kept_channels(teacher, getattr(pruned, HISTORY_ATTR), example)
+    assert set(chans) == {"B1", "B2"}
+    for b in ("B1", "B2"):
+        assert chans[b] == keep[f"{b}.c5"][0] and len(chans[b]) == pruned.get_submodule(f"{b}.c5").out_channels
+    assert block_output_channels(teacher, teacher, ["B1"], example) == {}
+
+
 def test_choose_by_runtime_within_tolerance():
     cands = {"prune": {"held_out_psnr_y": 30.00, "runtime_ms": 5.0},
              "tucker": {"held_out_psnr_y": 30.08, "runtime_ms": 9.0}}
@@ -233,6 +279,8 @@ def _contains(img: np.ndarray, crop: torch.Tensor) -> bool:
     (("--target-params", "1000", "--calib-rows", "-3"), "--calib-rows"),
     (("--target-params", "1000", "--calib-patch", "8"), "--calib-patch"),
     (("--target-params", "1000", "--tucker-refine", "-1"), "--tucker-refine"),
+    (("--target-params", "1000", "--refine-steps", "-1"), "--refine-steps"),
+    (("--target-params", "1000", "--refine-lr", "0"), "--refine-lr"),
     (("--target-params", "1000", "--method", "magic"), "--method"),
     (("--target-params", "1000", "--importance", "magic"), "--importance"),
     (("--target-params", "1000", "--prune", "0.3"), "--prune"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from effsr.cli_core import CLIError, command, error_line
 from effsr.cli_model import add_model_args, model_config
 
-from .config import CALIB_PATCH, CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, COSINE_FLOOR, LR_SCHEDULES, REFINE_LR, REFINE_STEPS, TUCKER_REFINE
 
 __all__: list[str] = []
 
@@ -48,6 +48,7 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                    help="which filters data-aware pruning removes: the reconstruction-error greedy selection, "
                         "activation energy, or L2 norm (weight norms alone ruin the official RFDN: 20 dB)")
     _calibration_args(p)
+    _refine_args(p)
     p.add_argument("--allocation", default="uniform", metavar="uniform|sensitivity",
                    help="data-aware pruning: one ratio for every group with the unused budget given back where "
                         "the calibration error falls most, or per-group ratios from the calibration sensitivity "
@@ -147,6 +148,15 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
                    help="alternating refinement rounds of each data-aware Tucker factorization (0: none)")
 
 
+def _refine_args(p: argparse.ArgumentParser) -> None:
+    """Block refinement of the one-shot students (``shrink``)."""
+    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, metavar="N",
+                   help="Adam steps per block fitting each one-shot student's blocks to the teacher's block outputs "
+                        "on the calibration patches, kept when the held-out PSNR-Y rises (0: off)")
+    p.add_argument("--refine-lr", type=float, default=REFINE_LR, metavar="LR",
+                   help="learning rate of the block refinement")
+
+
 def _rows(n: int) -> int | None:
     return None if n == 0 else n
 
@@ -169,6 +179,7 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
         method=args.method, importance=args.importance, calib_images=args.calib_images,
         calib_patch=args.calib_patch, calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine,
+        refine_steps=args.refine_steps, refine_lr=args.refine_lr,
         objective=args.objective,
         objective_tolerance=args.objective_tolerance, allocation=args.allocation)
     try:

@@ -8,6 +8,9 @@ The generic work is done by the toolkits; this module only wires them to SR data
 * ``prune``: filters removed to meet the budget (importance ``l2`` / ``activation`` / ``recon``), then every
   affected conv re-solved toward the teacher in closed form (:func:`prune.reconstruct.reconstruct`);
 * ``tucker``: :func:`decompose.data_aware_tucker_model` with ranks allocated globally under the budget;
+* block refinement (``refine_steps``): each one-shot student's repeated blocks fitted to the teacher's block
+  outputs with a few Adam steps per block on the calibration patches (:func:`distill.local.refine_blocks`),
+  kept only when the held-out PSNR-Y rises;
 * ``auto``: both one-shot students, then the better held-out PSNR-Y (``objective="psnr"``) or, with
   ``objective="runtime"``, the lowest measured latency among the students within ``tolerance`` dB of the
   best held-out PSNR-Y.
@@ -34,7 +37,8 @@ from .config import CALIB_PATCH, CALIB_ROWS, TUCKER_REFINE
 
 __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out",
            "fitting_images", "calibration_patches", "make_calibration", "challenge_conv_flops", "budget_of",
-           "check_budget", "oneshot", "choose", "patch_psnr_y", "PRUNE_EXAMPLE_SHAPE"]
+           "check_budget", "oneshot", "choose", "patch_psnr_y", "PRUNE_EXAMPLE_SHAPE", "refine_blocks_of",
+           "block_names", "block_output_channels"]
 
 METHODS = ("prune", "tucker", "auto")
 IMPORTANCES = ("l2", "activation", "recon")
@@ -299,6 +303,80 @@ def oneshot(method: str, student: nn.Module, teacher: nn.Module, calib: Any, tar
     return model, info
 
 
+# ------------------------------------------------------------------------------------------ block refinement
+def block_names(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> list[str]:
+    """The blocks to refine: the zoo's B1..Bn, else the network's repeated blocks at the input's resolution."""
+    from distill.blocks import block_layers
+    from effsr.models import source_of
+
+    from .finetune import feature_pairs
+
+    if source_of(teacher) is None:
+        names = feature_pairs(teacher, student)
+        if names:
+            return names
+    return block_layers(teacher, student, example=example)
+
+
+def block_output_channels(teacher: nn.Module, student: nn.Module, blocks: Sequence[str],
+                          example: torch.Tensor) -> dict[str, list[int]]:
+    """``{block: teacher output channels the pruned student kept}`` for blocks whose output lost channels: the
+    kept output channels of the last conv run inside the block with the block's (student) output width, read
+    from the pruning history (:func:`prune.reconstruct.kept_channels`). A block without such a conv is left out
+    (and then skipped by the refinement, which checks every block's width)."""
+    from prune.core import HISTORY_ATTR
+    from prune.reconstruct import kept_channels
+
+    history = getattr(student, HISTORY_ATTR, None)
+    if not history:
+        return {}
+    keep = kept_channels(teacher, history, example)
+    order: list[str] = []
+    widths: dict[str, int] = {}
+    handles = []
+    for name, m in student.named_modules():
+        if name in keep:
+            handles.append(m.register_forward_hook(lambda _m, _i, _o, _n=name: order.append(_n)))
+    for b in blocks:
+        handles.append(student.get_submodule(b).register_forward_hook(
+            lambda _m, _i, out, _b=b: widths.__setitem__(_b, out.shape[1]) if isinstance(out, torch.Tensor) else None))
+    try:
+        with torch.no_grad():
+            student.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    t_widths = {b: teacher.get_submodule(b) for b in blocks}
+    out: dict[str, list[int]] = {}
+    for b in blocks:
+        inside = [n for n in order if n.startswith(b + ".") and len(keep[n][0]) == widths.get(b)]
+        if inside and t_widths[b] is not None and len(keep[inside[-1]][0]) < _conv_out(teacher, inside[-1]):
+            out[b] = list(keep[inside[-1]][0])
+    return out
+
+
+def _conv_out(model: nn.Module, name: str) -> int:
+    m = model.get_submodule(name)
+    w = getattr(m, "weight", None)
+    return int(w.shape[0]) if w is not None else int(getattr(m, "out_channels", 0))
+
+
+def refine_blocks_of(model: nn.Module, teacher: nn.Module, calib: Any, steps: int, lr: float, seed: int,
+                     progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`distill.local.refine_blocks` of a one-shot student's blocks on the calibration batches; returns the
+    refined copy and what was done."""
+    from distill.local import refine_blocks
+
+    example = calib.batches[0][:1]
+    names = block_names(teacher, model, example)
+    if not names:
+        return model, {"blocks": [], "skipped": "no repeated blocks found"}
+    chans = block_output_channels(teacher, model, names, example)
+    refined, rep = refine_blocks(teacher, model, calib, names, channels=chans, steps=steps, lr=lr, seed=seed,
+                                 progress=progress)
+    return refined.eval(), rep.to_dict()
+
+
 # ------------------------------------------------------------------------------------------ method choice
 @torch.no_grad()
 def patch_psnr_y(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, scale: int = 4, y_round: bool = True) -> float:
@@ -349,6 +427,8 @@ def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torc
                               importance=cfg.importance, min_channels=cfg.tucker_min_channels,
                               progress=cfg.progress, allocation=cfg.allocation, refine=cfg.tucker_refine)
         info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
+        if cfg.refine_steps > 0:
+            model, info = _refined(state, m, model, info, calib, held)
         prof = metrics.profile(model)
         info.update({"params": prof.params, "flops": prof.flops, "activations": prof.activations,
                      "convs": prof.convs})
@@ -367,6 +447,32 @@ def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torc
                                                       cfg.objective_tolerance)
     cands = {m: {k: v for k, v in i.items() if k not in ("history", "ranks", "layers")} for m, (_, i) in built.items()}
     return pick, built[pick][0], {"candidates": cands, **built[pick][1]}
+
+
+def _refined(state: Any, method: str, model: nn.Module, info: dict[str, Any], calib: Any,
+             held: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """The one-shot student with its blocks refined (``--refine-steps``) when that raises the held-out PSNR-Y."""
+    cfg = state.cfg
+    t0 = time.perf_counter()
+    refined, rep = refine_blocks_of(model, state.teacher, calib, cfg.refine_steps, cfg.refine_lr, cfg.seed,
+                                    progress=cfg.progress)
+    before = info["held_out_psnr_y"]
+    after = patch_psnr_y(refined, *held, y_round=cfg.y_round) if rep.get("blocks") else before
+    keep = after > before
+    fitted = [b for b in rep.get("blocks", []) if not b.get("skipped")]
+    skipped = {b["name"]: b["skipped"] for b in rep.get("blocks", []) if b.get("skipped")}
+    info = {**info, "refine": {"steps": cfg.refine_steps, "lr": cfg.refine_lr, "kept": keep,
+                               "held_out_before": before, "held_out_after": after,
+                               "blocks": [b["name"] for b in fitted], "skipped": skipped,
+                               "seconds": round(time.perf_counter() - t0, 3), "per_block": rep.get("blocks", [])}}
+    state.log(f"one-shot {method}: block refinement of {len(fitted)} block(s), {cfg.refine_steps} steps each: "
+              f"held-out PSNR-Y {before:.3f} -> {after:.3f} dB ({'kept' if keep else 'not kept'}, "
+              f"{info['refine']['seconds']:.1f} s)" + (f"; skipped {skipped}" if skipped else ""))
+    if keep:
+        info["held_out_psnr_y"] = after
+        info["seconds"] = round(info["seconds"] + info["refine"]["seconds"], 3)
+        return refined, info
+    return model, info
 
 
 def stage_compress(state: Any) -> dict[str, Any]:

@@ -27,6 +27,10 @@ DEFAULT_STEPS = 100
 #: The step cap of a fine-tune given only ``--train-minutes`` (the time budget ends it long before).
 TIME_BUDGET_STEPS = 1_000_000
 
+#: Adam steps per block of the one-shot students' block refinement (``--refine-steps``) and their lr.
+REFINE_STEPS = 0
+REFINE_LR = 1e-3
+
 #: Learning-rate schedules of the distillation fine-tunes (``--lr-schedule``).
 LR_SCHEDULES = ("constant", "cosine")
 #: Where a cosine schedule ends, as a fraction of ``lr``.
@@ -34,7 +38,8 @@ COSINE_FLOOR = 0.05
 
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
-_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "input_range": None, "scale": None,
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "refine_steps": 0, "refine_lr": REFINE_LR,
+                              "input_range": None, "scale": None,
                               "weights_key": None, "feature_layers": None}
 
 __all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
@@ -135,6 +140,10 @@ class ShrinkConfig:
     tucker_refine: int = TUCKER_REFINE
     objective: str = "psnr"
     objective_tolerance: float = 0.1
+    #: block refinement of each one-shot student (:func:`distill.local.refine_blocks`): Adam steps per block on
+    #: the calibration patches (0: off) and their learning rate
+    refine_steps: int = REFINE_STEPS
+    refine_lr: float = REFINE_LR
     allocation: str = "uniform"
 
     # ----------------------------------------------------------------------------------- validation
@@ -194,6 +203,10 @@ class ShrinkConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule: unknown schedule {self.lr_schedule!r}; choose from "
                              f"{', '.join(LR_SCHEDULES)}")
+        if not is_int(self.refine_steps) or self.refine_steps < 0:
+            raise ValueError(f"--refine-steps must be an int >= 0, got {self.refine_steps!r}")
+        if not is_number(self.refine_lr) or not math.isfinite(float(self.refine_lr)) or self.refine_lr <= 0:
+            raise ValueError(f"--refine-lr must be a number > 0, got {self.refine_lr!r}")
         if self.lr_schedule != "constant" and self.train_minutes is not None:
             raise ValueError(f"--lr-schedule {self.lr_schedule} decays over a known number of steps; with "
                              "--train-minutes the steps depend on the machine's speed: use the constant schedule")
