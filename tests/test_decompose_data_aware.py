@@ -334,6 +334,7 @@ def test_allocate_meets_the_budget(shapes, t, seed):
 
 
 # ------------------------------------------------------------------------------------------- real data
+@pytest.mark.slow
 @pytest.mark.data
 def test_official_rfdn_block_data_aware_beats_plain(checkpoints, shared_data):
     from effsr import models

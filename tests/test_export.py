@@ -20,6 +20,9 @@ from effsr.cli import main  # noqa: E402
 from effsr.inference import evaluate  # noqa: E402
 from effsr.shrink.recipe import new_recipe, save_student  # noqa: E402
 
+# ONNX export and onnxruntime sessions: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 
 def tiny_sr(seed: int = 0) -> torch.nn.Module:
     """A 1-block RFDN (nf=8) that upsamples like nearest neighbour plus a small learned-looking residual.

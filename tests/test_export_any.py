@@ -22,6 +22,9 @@ import onnx  # noqa: E402
 from effsr import data, export  # noqa: E402
 from effsr.export.onnx import CHECK_TOLERANCE  # noqa: E402
 
+# ONNX export and onnxruntime sessions: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 
 class SizeAttention(nn.Module):
     """Attention from a max-pool whose output size is computed from the input size (as SAFMN does)."""
@@ -274,7 +277,6 @@ def load_user_network(e: dict) -> nn.Module:
 
 
 @pytest.mark.data
-@pytest.mark.slow
 @pytest.mark.skipif(not NTIRE, reason="ntire2024 networks not found in the shared data (set EFFSR_DATA)")
 @pytest.mark.parametrize("entry", NTIRE, ids=[e["name"] for e in NTIRE])
 def test_published_networks_export_to_a_verified_fp32_graph(entry, tmp_path, images, one_thread) -> None:

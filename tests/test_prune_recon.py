@@ -436,6 +436,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 # ------------------------------------------------------------------------------------- real data
+@pytest.mark.slow
 @pytest.mark.data
 def test_official_rfdn_reconstruction_recovers_psnr(checkpoints, shared_data):
     from effsr import models

@@ -57,6 +57,7 @@ def test_torch_compile(fused_and_reference) -> None:
         assert torch.allclose(compiled(x), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_online_mode_compiles_and_exports() -> None:
     net = reparam.set_mode(nn.Sequential(reparam.ECB(3, 4), nn.ReLU(), reparam.RRRB(4, 4)), "online").eval()
     x = torch.rand(1, 3, 9, 11)
@@ -67,6 +68,7 @@ def test_online_mode_compiles_and_exports() -> None:
     assert torch.allclose(ep.module()(x), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_onnxruntime(fused_and_reference, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

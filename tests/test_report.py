@@ -152,6 +152,7 @@ def _peer_entries(rig) -> list[Path]:
     return sorted((rig["cache"] / "report").glob("peer-*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_report_times_fixed_images_reuses_the_student_eval_and_caches_peers(rig):
     first = rig["root"] / "run1"
@@ -199,6 +200,7 @@ def test_report_times_fixed_images_reuses_the_student_eval_and_caches_peers(rig)
     assert "unreadable" in (third / "log.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_report_reuses_the_distill_eval_only_when_it_reproduces(rig, monkeypatch):
     # a run stopped after distillation, resumed on the same eval set: the distill stage's evaluation is reused

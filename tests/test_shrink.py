@@ -56,6 +56,7 @@ def full_run(tiny) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_shrink_writes_every_output(full_run):
     for name in ("student.safetensors", "student.recipe.json", "report.json", "report.md", "frontier.png",
                  "config.json", "log.txt"):
@@ -81,6 +82,7 @@ def test_shrink_writes_every_output(full_run):
     assert "| bicubic |" in md and report["bicubic"]["eval"]["psnr_y"] > 0
 
 
+@pytest.mark.slow
 def test_student_reloads_to_the_reported_psnr(full_run, tiny):
     report = json.loads((full_run / "report.json").read_text())
     student_row = next(m for m in report["models"] if m["kind"] == "student")
@@ -97,6 +99,7 @@ def test_student_reloads_to_the_reported_psnr(full_run, tiny):
     assert json.loads((full_run / "student.recipe.json").read_text()) == recipe
 
 
+@pytest.mark.slow
 def test_effsr_eval_reloads_student(full_run, tiny, tmp_path):
     from effsr.shrink.recipe import load_hook
 
@@ -122,6 +125,7 @@ def test_effsr_eval_reloads_student(full_run, tiny, tmp_path):
     assert json.loads(out.read_text())["psnr_y"] == student_row["eval"]["eval"]["psnr_y"]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_identical_weights(full_run, tiny, monkeypatch, capsys):
     from safetensors.torch import load_file
 
@@ -150,6 +154,7 @@ def test_resume_after_interruption_gives_identical_weights(full_run, tiny, monke
     assert ra == rb
 
 
+@pytest.mark.slow
 def test_ema_decay_reaches_every_fine_tune(tiny, full_run, tmp_path):
     """``--ema-decay`` is passed to each distillation (repify, both pruning rounds, Tucker): the run logs and
     records it per fine-tune, and its student differs from the same run without it."""
@@ -313,6 +318,7 @@ def test_recipe_errors(tmp_path):
         build_from_recipe({"format": "other", "arch": "rfdn", "config": {}, "ops": []})
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli.main(["demo", "--out", str(out), "--teacher-steps", "3", "--steps", "1", "--nf", "8",
@@ -332,6 +338,7 @@ def test_demo_smoke(tmp_path, capsys):
         assert (out / name).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["prune:2:1", "tucker:0:1"])
 def test_resume_inside_a_stage_continues_where_it_stopped(full_run, tiny, monkeypatch, capsys, stop):
     """Interrupted in the middle of a distillation (round 2 of pruning, or Tucker's): --resume continues
@@ -358,6 +365,7 @@ def test_resume_inside_a_stage_continues_where_it_stopped(full_run, tiny, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_demo_teacher_training_resumes_mid_training(tmp_path, monkeypatch, capsys):
     """The demo teacher's training checkpoints inside the run: interrupted at step 2 of 4 and resumed, it
     gives the teacher an uninterrupted training gives (both runs stop once the teacher stage is saved)."""
@@ -382,6 +390,7 @@ def test_demo_teacher_training_resumes_mid_training(tmp_path, monkeypatch, capsy
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_train_minutes_budget_ends_each_fine_tune_and_is_recorded(tiny, tmp_path):
     """``--train-minutes``: without ``--steps`` each fine-tune runs until its time budget (here a tiny one, so
     every fine-tune stops after its first step or few), logs that the budget ended it and records it; the

@@ -19,7 +19,8 @@ from conftest import write_benchmark_folder
 TINY = {"nf": 12, "num_blocks": 2}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# end-to-end `effsr shrink` / `effsr frontier` runs: `pytest -m "not slow"` leaves them out
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def _train_teacher(pairs: list, steps: int = 150) -> torch.nn.Module:

@@ -3,6 +3,7 @@ cross modules, one home per helper."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import subprocess
@@ -27,12 +28,19 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(path: Path) -> tuple[str, ast.Module]:
+    """The text and syntax tree of ``path`` (parsed once per test session)."""
+    text = path.read_text(encoding="utf-8")
+    return text, ast.parse(text)
+
+
 def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """``(line, absolute module, imported names)`` of every import statement of ``path``."""
     mod = _module_name(path)
     package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(_parsed(path)[1]):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -110,7 +118,7 @@ def _module_imports(path: Path) -> list[tuple[int, bool, str]]:
             else:
                 visit(child, local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
-    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    visit(_parsed(path)[1], False)
     return out
 
 
@@ -197,16 +205,27 @@ def test_toolkits_never_import_effsr_statically():
     assert graph["reparam"] == set(), graph  # the bottom layer imports no other package of the project
 
 
-@pytest.mark.parametrize("toolkit", TOOLKITS)
-def test_importing_a_toolkit_loads_no_effsr_module(toolkit):
-    code = (f"import sys, {toolkit}, pkgutil, importlib\n"
-            f"for m in pkgutil.walk_packages({toolkit}.__path__, '{toolkit}.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "print(sorted(n for n in sys.modules if n == 'effsr' or n.startswith('effsr.')))")
+@pytest.fixture(scope="module")
+def effsr_modules_per_toolkit() -> dict[str, list[str]]:
+    """In one fresh interpreter: every module of each toolkit imported in turn, and the effsr modules loaded
+    so far after each toolkit (the first toolkit that shows one is the culprit)."""
+    code = ("import sys, json, pkgutil, importlib\n"
+            "out = {}\n"
+            f"for toolkit in {list(TOOLKITS)!r}:\n"
+            "    pkg = importlib.import_module(toolkit)\n"
+            "    for m in pkgutil.walk_packages(pkg.__path__, toolkit + '.'):\n"
+            "        importlib.import_module(m.name)\n"
+            "    out[toolkit] = sorted(n for n in sys.modules if n == 'effsr' or n.startswith('effsr.'))\n"
+            "print(json.dumps(out))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]", res.stdout
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("toolkit", TOOLKITS)
+def test_importing_a_toolkit_loads_no_effsr_module(toolkit, effsr_modules_per_toolkit):
+    assert effsr_modules_per_toolkit[toolkit] == []
 
 
 def test_no_module_imports_a_private_name_of_another_project_module():
@@ -233,7 +252,7 @@ def test_one_atomic_writer_and_one_input_range_accessor():
     replace, getattr_range, mkstemp = [], [], []
     for path in _files(*PACKAGES):
         rel = path.relative_to(ROOT).as_posix()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_parsed(path)[1]):
             if not isinstance(node, ast.Call):
                 continue
             f = node.func
@@ -254,8 +273,10 @@ def test_one_module_replacer():
     """Replacing a submodule by dotted name (``rpartition('.')`` + ``setattr``) lives only in reparam.utils.modules."""
     bad = []
     for path in _files(*PACKAGES):
-        text = path.read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(text)):
+        text, tree = _parsed(path)
+        if 'rpartition(".")' not in text:
+            continue
+        for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 body = ast.get_source_segment(text, node) or ""
                 if 'rpartition(".")' in body and "setattr(" in body:

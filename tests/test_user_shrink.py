@@ -13,7 +13,8 @@ import torch
 from conftest import write_benchmark_folder
 from effsr import cli, data, models
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# end-to-end `effsr shrink` runs on a user's network: `pytest -m "not slow"` leaves them out
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 NET_CODE = textwrap.dedent('''
     import torch
