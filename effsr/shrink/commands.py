@@ -41,6 +41,13 @@ def _shrink_args(p: argparse.ArgumentParser) -> None:
                         "compression in closed form, then --steps of distillation (default: off)")
     p.add_argument("--target-flops", type=float, default=None, metavar="G",
                    help="data-aware path: a FLOPs budget instead, in G MACs on 3x256x256 (challenge convention)")
+    p.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                   help="runtime budget: a student X times faster than the teacher, timed on --device at "
+                        "--runtime-size (met by pruning)")
+    p.add_argument("--target-runtime", type=float, default=None, metavar="MS",
+                   help="runtime budget: milliseconds per forward on --device at --runtime-size (met by pruning)")
+    p.add_argument("--runtime-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="LR input size of the runtime budget's timings (default 256 256)")
     p.add_argument("--method", default="auto", metavar="prune|tucker|auto",
                    help="data-aware method: channel pruning + least-squares reconstruction, data-aware Tucker-2, "
                         "or auto: both one-shot, keep the better on held-out calibration patches (see --objective)")
@@ -177,6 +184,8 @@ def _config(args: argparse.Namespace):  # -> ShrinkConfig
         progress=not args.no_progress, model_config=model_config(args.model_config), y_round=not args.y_float,
         input_range=args.input_range, scale=args.scale, weights_key=args.weights_key,
         checkpoint_every=args.checkpoint_every, target_params=args.target_params, target_flops=args.target_flops,
+        target_speedup=args.target_speedup, target_runtime=args.target_runtime,
+        runtime_size=list(args.runtime_size) if args.runtime_size else None,
         method=args.method, importance=args.importance, calib_images=args.calib_images,
         calib_patch=args.calib_patch, calib_rows=_rows(args.calib_rows), tucker_refine=args.tucker_refine,
         refine_steps=args.refine_steps, refine_lr=args.refine_lr,

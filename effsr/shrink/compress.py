@@ -414,8 +414,20 @@ def choose(candidates: dict[str, dict[str, Any]], objective: str, tolerance: flo
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torch.Tensor, torch.Tensor]
-                    ) -> tuple[str, nn.Module, dict[str, Any]]:
+def runtime_target(cfg: Any, teacher: nn.Module, student: nn.Module, device: Any, log: Any = None,
+                   steps: int | None = None) -> dict[str, Any]:
+    """The parameter budget meeting ``cfg``'s runtime budget by pruning ``student``
+    (:func:`effsr.shrink.speed.params_for_runtime`, timed on ``device``); ``steps=0`` only checks reachability."""
+    from .speed import RUNTIME_SIZE, SEARCH_STEPS, params_for_runtime
+
+    return params_for_runtime(teacher, student, _prune_at, MAX_PRUNE_RATIO, target_speedup=cfg.target_speedup,
+                              target_runtime=cfg.target_runtime, size=tuple(cfg.runtime_size or RUNTIME_SIZE),
+                              input_range=model_input_range(teacher), trials=max(3, cfg.runtime_trials),
+                              device=device, log=log, steps=SEARCH_STEPS if steps is None else steps)
+
+
+def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torch.Tensor, torch.Tensor],
+                    target_params: int | None, target_flops: float | None) -> tuple[str, nn.Module, dict[str, Any]]:
     from effsr import metrics
 
     cfg = state.cfg
@@ -423,7 +435,7 @@ def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torc
     teacher = state.teacher.to(state.device).eval()
     built: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for m in methods:
-        model, info = oneshot(m, base, teacher, calib, cfg.target_params, cfg.target_flops,
+        model, info = oneshot(m, base, teacher, calib, target_params, target_flops,
                               importance=cfg.importance, min_channels=cfg.tucker_min_channels,
                               progress=cfg.progress, allocation=cfg.allocation, refine=cfg.tucker_refine)
         info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
@@ -482,8 +494,15 @@ def stage_compress(state: Any) -> dict[str, Any]:
 
     cfg = state.cfg
     t0 = time.perf_counter()
-    methods = check_budget(state.student, cfg.method, cfg.target_params, cfg.target_flops,
-                           cfg.tucker_min_channels)
+    target_params, target_flops, timed = cfg.target_params, cfg.target_flops, None
+    if cfg.runtime_budget:  # the parameter count whose pruned network meets it, timed on this device
+        timed = runtime_target(cfg, state.teacher, state.student.to(state.device), state.device, log=state.log)
+        target_params = timed["target_params"]
+        methods = ["prune"]
+        state.log(f"runtime budget: pruning to {target_params:,} params (predicted {timed['predicted_speedup']:.2f}x, "
+                  f"{timed['predicted_ms']:.1f} ms at {timed['size'][0]}x{timed['size'][1]} on {timed['device']})")
+    else:
+        methods = check_budget(state.student, cfg.method, target_params, target_flops, cfg.tucker_min_channels)
     if cfg.method == "auto" and len(methods) < 2:
         state.log(f"auto: only {methods[0]} can reach the budget")
     pairs = state.calib_pairs  # every training image, also those under the training patch
@@ -497,7 +516,7 @@ def stage_compress(state: Any) -> dict[str, Any]:
     fit = len(fitting_images(pairs, patch))
     state.log(f"calibration: {n} LR patches of {patch} px from {fit} training image(s)"
               + (f" ({held[0].shape[0]} more held out)" if len(methods) > 1 else ""))
-    pick, model, info = _run_candidates(state, methods, calib, held)
+    pick, model, info = _run_candidates(state, methods, calib, held, target_params, target_flops)
     if pick == "prune":
         if list(PRUNE_EXAMPLE_SHAPE) != list(PRUNE_INPUT_SHAPE):  # pragma: no cover - one tracing shape
             raise RuntimeError("tracing shapes differ")
@@ -513,9 +532,29 @@ def stage_compress(state: Any) -> dict[str, Any]:
     info.update({"chosen": pick, "calibration_seconds": round(t_calib, 3),
                  "oneshot_seconds": round(time.perf_counter() - t0, 3), "calib_patches": n, "calib_patch": patch,
                  "calib_images": fit, "calib_rows": cfg.calib_rows, "tucker_refine": cfg.tucker_refine})
+    if timed is not None:
+        info["runtime_budget"] = _timed_student(state, model, timed)
     if state.main:
         info["eval"] = evaluate_all(state, model, f"one-shot {pick}")
     return info
+
+
+def _timed_student(state: Any, model: nn.Module, timed: dict[str, Any]) -> dict[str, Any]:
+    """The runtime budget's search and the finished student timed beside its teacher (same input and device)."""
+    from .speed import time_pair
+
+    size = timed["size"]
+    x = (torch.rand(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(0))
+         * model_input_range(state.teacher)).to(state.device)
+    t_ms, s_ms = time_pair(state.teacher.to(state.device), model.to(state.device), x, trials=timed["trials"])
+    speedup = t_ms / s_ms
+    cfg = state.cfg
+    met = speedup >= cfg.target_speedup if cfg.target_speedup is not None else s_ms <= cfg.target_runtime
+    want = f"{cfg.target_speedup:g}x" if cfg.target_speedup is not None else f"{cfg.target_runtime:g} ms"
+    state.log(f"runtime budget: the student runs {s_ms:.1f} ms vs the teacher's {t_ms:.1f} ms ({speedup:.2f}x; "
+              f"budget {want}: {'met' if met else 'missed on this measurement'})")
+    return {**timed, "student_ms": round(s_ms, 3), "teacher_ms_final": round(t_ms, 3), "speedup": round(speedup, 4),
+            "met": met}
 
 
 def stage_distill(state: Any) -> dict[str, Any]:

@@ -38,7 +38,8 @@ COSINE_FLOOR = 0.05
 
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
-_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "refine_steps": 0, "refine_lr": REFINE_LR,
+_ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "target_speedup": None,
+                              "target_runtime": None, "runtime_size": None, "refine_steps": 0, "refine_lr": REFINE_LR,
                               "input_range": None, "scale": None,
                               "weights_key": None, "feature_layers": None}
 
@@ -132,6 +133,11 @@ class ShrinkConfig:
     #: data-aware path (effsr.shrink.compress): a budget, the method and its options
     target_params: int | None = None
     target_flops: float | None = None  #: G MACs on 3x256x256 (challenge convention)
+    #: runtime budgets (:mod:`effsr.shrink.speed`), met by pruning and timed on ``device``: times faster than the
+    #: teacher, or milliseconds per forward, at a ``runtime_size`` LR input (None: 256 x 256)
+    target_speedup: float | None = None
+    target_runtime: float | None = None
+    runtime_size: list[int] | None = None
     method: str = "auto"
     importance: str = "recon"
     calib_images: int = 64
@@ -245,7 +251,13 @@ class ShrinkConfig:
     @property
     def data_aware(self) -> bool:
         """Whether a budget was given (the data-aware compress + distill stages run)."""
-        return self.target_params is not None or self.target_flops is not None
+        return (self.target_params is not None or self.target_flops is not None or self.target_speedup is not None
+                or self.target_runtime is not None)
+
+    @property
+    def runtime_budget(self) -> bool:
+        """Whether the budget is a runtime (``--target-speedup`` / ``--target-runtime``)."""
+        return self.target_speedup is not None or self.target_runtime is not None
 
     def _check_budget(self) -> None:
         from .compress import ALLOCATIONS, IMPORTANCES, METHODS, OBJECTIVES
@@ -254,8 +266,21 @@ class ShrinkConfig:
             raise ValueError(f"--allocation: unknown allocation {self.allocation!r}; choose from "
                              f"{', '.join(ALLOCATIONS)}")
 
-        if self.target_params is not None and self.target_flops is not None:
-            raise ValueError("--target-params and --target-flops: give one budget, not both")
+        from .speed import check_runtime_budget
+
+        given = [f for f, v in (("--target-params", self.target_params), ("--target-flops", self.target_flops),
+                                ("--target-speedup", self.target_speedup), ("--target-runtime", self.target_runtime))
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give one budget, not several")
+        check_runtime_budget(self.target_speedup, self.target_runtime)
+        if self.runtime_size is not None and (not isinstance(self.runtime_size, (list, tuple))
+                                              or len(self.runtime_size) != 2
+                                              or not all(is_int(v) and v >= 16 for v in self.runtime_size)):
+            raise ValueError(f"--runtime-size must be two ints >= 16 (LR height and width), got {self.runtime_size!r}")
+        if self.runtime_budget and self.method == "tucker":
+            raise ValueError(f"{given[0]}: a runtime budget is met by pruning (a narrower network of the same "
+                             "layers; Tucker adds layers): use --method prune or auto")
         if self.target_params is not None and (not is_int(self.target_params) or self.target_params < 1):
             raise ValueError(f"--target-params must be an int >= 1, got {self.target_params!r}")
         if self.target_flops is not None and (not is_number(self.target_flops) or self.target_flops <= 0):
@@ -279,7 +304,8 @@ class ShrinkConfig:
         if not is_number(self.objective_tolerance) or self.objective_tolerance < 0:
             raise ValueError(f"--objective-tolerance must be a number of dB >= 0, got {self.objective_tolerance!r}")
         if self.data_aware and (float(self.prune) > 0 or self.tucker is not None):
-            raise ValueError("--target-params/--target-flops: the data-aware path replaces --prune and --tucker "
+            raise ValueError("--target-params/--target-flops/--target-speedup/--target-runtime: the data-aware "
+                             "path replaces --prune and --tucker "
                              "(give a budget, or the ratios of the plain weight-norm recipe, not both)")
 
     @staticmethod

@@ -146,7 +146,7 @@ def distill_finetune(state: RunState, student: nn.Module, steps: int, seed: int,
                                   channels_last=cfg.channels_last, ema_decay=cfg.ema_decay,
                                   max_seconds=cfg.train_minutes * 60 if cfg.train_minutes is not None else None,
                                   progress=cfg.progress, ctx=state.dist,
-                                  log_every=max(1, steps // 10), desc=f"{label}: distill", checkpoint=ckpt,
+                                  log_every=max(1, min(steps // 10, 100)), desc=f"{label}: distill", checkpoint=ckpt,
                                   checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
                                   on_step=stop_hook(state.stage_name, round_))
     finally:

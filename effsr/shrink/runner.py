@@ -167,9 +167,12 @@ def run_shrink(cfg: ShrinkConfig, *, train_pairs: Sequence[Any] | None = None,
     teacher = load_teacher(cfg).to(device).eval()
     check_feature_layers(teacher, cfg.feature_layers)
     if cfg.data_aware:  # an unreachable budget fails here, before anything is written
-        from .compress import check_budget
+        from .compress import check_budget, runtime_target
 
-        check_budget(teacher, cfg.method, cfg.target_params, cfg.target_flops, cfg.tucker_min_channels)
+        if cfg.runtime_budget:  # reachable at the largest pruning ratio, timed on this device
+            runtime_target(cfg, teacher, teacher, device, steps=0)
+        else:
+            check_budget(teacher, cfg.method, cfg.target_params, cfg.target_flops, cfg.tucker_min_channels)
     if train_pairs is None:
         selection = open_train_pairs(cfg.train_data, cfg.patch_size, cfg.max_train_images)
     else:

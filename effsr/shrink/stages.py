@@ -250,7 +250,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(5, "compress", stage_compress, enabled=lambda cfg: cfg.data_aware,
           settings=("target_params", "target_flops", "method", "importance", "calib_images", "calib_patch",
                     "calib_rows", "tucker_refine", "objective", "objective_tolerance", "tucker_min_channels",
-                    "allocation")),
+                    "allocation", "refine_steps", "refine_lr", "target_speedup", "target_runtime",
+                    "runtime_size")),
     Stage(6, "distill", stage_distill, enabled=lambda cfg: cfg.data_aware and cfg.steps > 0),
     Stage(7, "report", stage_report, saves_student=False),
 )
