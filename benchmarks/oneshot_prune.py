@@ -108,11 +108,12 @@ def main() -> None:
         print(f"{name:<32} {row['params']:>8,}  one-shot {before:7.3f}  recon {after:7.3f}  "
               f"prune {t_prune:6.1f}s  recon {t_rec:6.1f}s ({rep.passes} passes)", flush=True)
     print()
-    print(f"| run | params | Set5 Y one-shot | after reconstruction | prune s | reconstruct s |")
+    print("| run | params | Set5 Y one-shot | after reconstruction | prune s | reconstruct s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         rec = "" if r["psnr_recon"] is None else f"{r['psnr_recon']:.3f}"
-        print(f"| {r['run']} | {r['params']:,} | {r['psnr_oneshot']:.3f} | {rec} | {r['prune_s']:.1f} | {r['recon_s']:.1f} |")
+        print(f"| {r['run']} | {r['params']:,} | {r['psnr_oneshot']:.3f} | {rec} | {r['prune_s']:.1f} "
+              f"| {r['recon_s']:.1f} |")
     out = Path(args.out)
     if only and out.exists():                    # a partial rerun adds its rows to the earlier ones
         old = json.loads(out.read_text()).get("rows", [])

@@ -89,7 +89,8 @@ def cuda_peak(fn: Callable[[], None], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             reparam.set_mode(online, "online")
             fns["online"] = train_step_fn(online, x)
         t = interleaved(fns, device, args.warmup, args.repeats)
-        mem = {k: saved_bytes(m, x) for k, m in (("plain", plain), ("branches", branches), ("online", online)) if m is not None}
+        mem = {k: saved_bytes(m, x) for k, m in (("plain", plain), ("branches", branches), ("online", online))
+               if m is not None}
         peak = {k: cuda_peak(fns[k], device) for k in fns}
         branches.eval()
         fused = reparam.fuse_all(branches)

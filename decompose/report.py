@@ -122,16 +122,17 @@ class TuckerReport(list):
         head = ["layer", "shape", "ranks", "params", "after", "rel.err", "note"]
         lines = []
         for r in self:
-            shape = f"{r.in_channels}->{r.out_channels} {r.kernel_size}" + (f" s{r.stride}" if r.stride != "1x1" else "")
+            shape = (f"{r.in_channels}->{r.out_channels} {r.kernel_size}"
+                     + (f" s{r.stride}" if r.stride != "1x1" else ""))
             ranks = f"({r.rank_out},{r.rank_in})" if r.rank_out is not None else "-"
             err = f"{r.rel_error:.4f}" if r.rel_error is not None else "-"
             if r.calib_error_after is not None:  # data-aware: the calibration error, before -> after the fit
                 err += f" calib {r.calib_error_before:.2e}->{r.calib_error_after:.2e}"
             lines.append([r.name, shape, ranks, str(r.params_before), str(r.params_after), err, r.reason])
         s = self.summary()
-        widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+        widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(head)]
         fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines]
         out.append(
             f"{s['decomposed']} of {s['layers']} convs decomposed ({s['spec']}): their params "
             f"{s['decomposed_params_before']} -> {s['decomposed_params_after']} ({s['decomposed_fraction']:.1%}); "

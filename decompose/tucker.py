@@ -54,7 +54,8 @@ def check_conv(conv: Any, name: str = "conv") -> nn.Conv2d:
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
     if type(conv).forward is not nn.Conv2d.forward:
-        raise TypeError(f"{name}: {type(conv).__name__} overrides Conv2d.forward; only plain convolutions are supported")
+        raise TypeError(f"{name}: {type(conv).__name__} overrides Conv2d.forward; only plain convolutions are "
+                        "supported")
     if conv.groups != 1:
         raise ValueError(f"{name}: grouped/depthwise convs (groups={conv.groups}) are not Tucker-decomposed")
     if not torch.is_floating_point(conv.weight):

@@ -59,8 +59,9 @@ def _groups(model: nn.Module) -> list[list[str]]:
 def block_layers(teacher: nn.Module, student: nn.Module | None = None, example: torch.Tensor | None = None
                  ) -> list[str]:
     """Names of ``teacher``'s repeated blocks (the largest group by parameters of >= 2 sibling submodules of
-    one class (containers: built alike), plain convs excluded) that ``student`` also has; with ``example`` (an input batch), only those
-    whose output is one 4-D tensor at the input's height and width. ``[]`` when there is none."""
+    one class (containers: built alike), plain convs excluded) that ``student`` also has; with ``example`` (an
+    input batch), only those whose output is one 4-D tensor at the input's height and width. ``[]`` when there
+    is none."""
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if student is not None and not isinstance(student, nn.Module):

@@ -7,9 +7,10 @@ The loss, for pairs ``(teacher_name, student_name, weight)``::
          + gt_weight     * gt_loss(S(lr), hr)               # real ground truth (needs hr)
 
 Ranges: ``lr``/``hr`` are float tensors in [0, 1]. Each network gets ``lr * distill.input_range(net)``
-(its ``input_range``, 1.0 when it declares none) and its output is divided by the same factor, so outputs are compared in [0, 1] whatever range each model was
-trained in (e.g. an IMDN teacher in 0-1 with an RFDN student in 0-255). Features are compared in the units the
-networks produce them in: the adapter maps student features to teacher features, scale included.
+(its ``input_range``, 1.0 when it declares none) and its output is divided by the same factor, so outputs are
+compared in [0, 1] whatever range each model was trained in (e.g. an IMDN teacher in 0-1 with an RFDN student in
+0-255). Features are compared in the units the networks produce them in: the adapter maps student features to
+teacher features, scale included.
 """
 from __future__ import annotations
 

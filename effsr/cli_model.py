@@ -76,7 +76,7 @@ def flag_error(exc: BaseException) -> str:
 
 def model_label(args: argparse.Namespace, net: Any = None) -> str:
     """What to call the network in output: the zoo name, the class name of a user's network, or the student's arch."""
-    if args.model and not (":" in args.model):
+    if args.model and ":" not in args.model:
         return args.model
     return str(getattr(net, "arch", None) or args.model or "model")
 

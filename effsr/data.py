@@ -364,7 +364,8 @@ MIN_PATCH = 16
 
 @dataclass(frozen=True)
 class PatchSelection:
-    """The training pairs that fit ``patch_size``, and the names of those that do not (see :func:`select_patch_pairs`)."""
+    """The training pairs that fit ``patch_size``, and the names of those that do not
+    (see :func:`select_patch_pairs`)."""
 
     pairs: list[SRPair]
     patch_size: int

@@ -228,8 +228,9 @@ def evaluate(model: nn.Module, pairs: Iterable[Any], progress: bool = True,
     NTIRE/MATLAB convention) unless ``y_round=False``. A pair marked ``gray`` (a single-channel source
     such as Set14's ``bridge``) is measured like the official NTIRE evaluation code measures it: the gray
     file read as three identical channels, Y from those. ``gray_channel=True`` instead measures it on one
-    gray channel (HR's channel vs the rounded mean of the SR channels), the MATLAB papers' convention. With ``save_dir`` each SR result is written as
-    ``<save_dir>/<name>.png`` (created if needed). ``progress`` reports on stderr (a bar on a terminal, else plain lines).
+    gray channel (HR's channel vs the rounded mean of the SR channels), the MATLAB papers' convention. With
+    ``save_dir`` each SR result is written as ``<save_dir>/<name>.png`` (created if needed). ``progress`` reports
+    on stderr (a bar on a terminal, else plain lines).
     """
     from reparam.utils.progress import progress as progress_bar
 

@@ -38,7 +38,8 @@ module types and with the same formulas, so that the numbers are the challenge's
 
 All counts are for one image of ``input_size`` (default ``3 x 256 x 256``, the challenge's). The official
 counter run on the official code of the five networks gives, and this module reproduces exactly
-(``tests/test_metrics.py`` asserts each integer): RFDN 433,448 params / 27,102,622,560 FLOPs / 112,034,240 acts / 64 convs;
+(``tests/test_metrics.py`` asserts each integer): RFDN 433,448 params / 27,102,622,560 FLOPs / 112,034,240 acts /
+64 convs;
 MegSR pruned RFDN 289,888 / 17,700,828,000 / 91,718,080 / 64; RLFN 317,218 / 19,695,306,752 /
 80,045,184 / 39; FMEN 341,066 / 22,280,011,776 / 72,089,600 / 34; IMDN 893,936 / 58,531,512,320 /
 154,140,672 / 43.

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         "min_channels": args.min_channels, "threads": args.threads,
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "device": "cpu"},
-        "flops_convention": "effsr.metrics.profile: multiply-accumulates of Conv2d/Linear/activation modules, 3x256x256",
+        "flops_convention": ("effsr.metrics.profile: multiply-accumulates of Conv2d/Linear/activation modules, "
+                             "3x256x256"),
         "psnr_convention": "Set5 x4, uint8 outputs, shave 4; RGB and BT.601 Y (effsr.inference.evaluate)",
         "baseline": measure(base, pairs, progress),
         "decomposed": [],

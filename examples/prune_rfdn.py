@@ -90,7 +90,8 @@ def main() -> None:
     example = torch.rand(1, 3, 32, 32) * net.input_range
     base = profile(net)
     result["unpruned"] = {"params": base.params, "flops": base.flops, "set5_psnr_y": set5_y(net, set5)}
-    print(f"RFDN: {base.params:,} params, {base.flops / 1e9:.2f} G FLOPs, Set5 Y {result['unpruned']['set5_psnr_y']:.3f} dB")
+    print(f"RFDN: {base.params:,} params, {base.flops / 1e9:.2f} G FLOPs, "
+          f"Set5 Y {result['unpruned']['set5_psnr_y']:.3f} dB")
 
     ratio, n = find_ratio(net, example, args.target_params)
     result["ratio"] = ratio

@@ -23,8 +23,9 @@ from .budget import BudgetReport, mac_count, prune_to_budget
 from .importance import ReconstructionImportance
 
 __all__ = [
-    "l2_filter_prune", "save", "load", "read_history", "L2FilterImportance", "ActivationImportance", "PruneReport", "StepReport",
-    "channels_per_layer", "register_rep_block", "branch_slicer", "get_slicer", "RepSlicer", "build_graph", "SRDependencyGraph", "PixelShuffleIndexError",
+    "l2_filter_prune", "save", "load", "read_history", "L2FilterImportance", "ActivationImportance", "PruneReport",
+    "StepReport", "channels_per_layer", "register_rep_block", "branch_slicer", "get_slicer", "RepSlicer", "build_graph",
+    "SRDependencyGraph", "PixelShuffleIndexError",
     "fresh_optimizer", "agp", "linear", "HISTORY_ATTR", "REPORT_ATTR",
     "Calibration", "ConvStats", "im2col", "reconstruct", "kept_channels", "ReconstructionReport",
     "prune_to_budget", "BudgetReport", "mac_count", "ReconstructionImportance",

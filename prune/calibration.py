@@ -148,7 +148,8 @@ def im2col(x: Tensor, conv: nn.Module | ConvGeometry) -> Tensor:
     """
     geo = conv if isinstance(conv, ConvGeometry) else conv_geometry(conv)
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x: expected an NCHW tensor, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected an NCHW tensor, got {got}")
     if x.shape[1] != geo.in_channels:
         raise ValueError(f"x: {x.shape[1]} channels, the conv expects {geo.in_channels}")
     if any(geo.pad):
@@ -571,7 +572,8 @@ class Calibration:
                 if n in residual:
                     res_s[n] = inp[0].detach()
                 if teacher is None:
-                    cur_y[n] = select(n, out) if idx[n] is not None else (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                    first = out[0] if isinstance(out, (tuple, list)) else out
+                    cur_y[n] = select(n, out) if idx[n] is not None else first.detach()
                 if len(cur_x) == len(names):
                     raise _Stop
             return hook
@@ -592,7 +594,8 @@ class Calibration:
             return hook
 
         if teacher_inputs is not None and len(teacher_inputs) != len(self.batches):
-            raise ValueError(f"teacher_inputs: {len(teacher_inputs)} batches for {len(self.batches)} calibration batches")
+            raise ValueError(f"teacher_inputs: {len(teacher_inputs)} batches for {len(self.batches)} calibration "
+                             "batches")
         models = [student] + ([teacher] if teacher is not None else [])
         handles = [smods[n].register_forward_hook(s_hook(n)) for n in names]
         if teacher is not None:

@@ -22,7 +22,8 @@ for _cls in (ECB, RRRB, ERB, DBB, RepConv, ACB, RepVGGBlock, MobileOneBlock, Rep
     register(_cls)
 
 __all__ = [
-    "kernels", "MODES", "Branch", "ChannelVector", "ConvBN", "FuseModeWarning", "RepBlock", "BLOCKS", "fuse_all", "get_block", "rep_blocks", "repify",
+    "kernels", "MODES", "Branch", "ChannelVector", "ConvBN", "FuseModeWarning", "RepBlock", "BLOCKS", "fuse_all",
+    "get_block", "rep_blocks", "repify",
     "set_mode", "ECB", "RRRB", "ERB", "DBB", "RepConv", "ACB", "RepVGGBlock", "MobileOneBlock", "RepLKConv", "EDBB",
     "fuse_foreign", "ForeignReport",
 ]

@@ -222,7 +222,8 @@ class RepBlock(nn.Module):
                 f"kernel_size={kernel_size} is even: rep blocks merge centred branches and need an odd kernel_size"
             )
         if padding is not None and padding != same:
-            raise ValueError(f"padding must be {same} ('same' for kernel_size={kernel_size}, dilation={dilation}), got {padding}")
+            raise ValueError(f"padding must be {same} ('same' for kernel_size={kernel_size}, dilation={dilation}), "
+                             f"got {padding}")
         self.padding = same
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
@@ -249,7 +250,8 @@ class RepBlock(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "online" and self.has_batchnorm():
             raise ValueError(
-                f"mode='online' needs a block without BatchNorm; {type(self).__name__} has BN branches (build it with bn=False)"
+                f"mode='online' needs a block without BatchNorm; {type(self).__name__} has BN branches "
+                "(build it with bn=False)"
             )
 
     def set_mode(self, mode: str) -> "RepBlock":

@@ -53,7 +53,8 @@ class ECB(RepBlock):
         if edges and kernel_size < 3:
             raise ValueError(f"kernel_size={kernel_size}: Sobel/Laplacian edges need kernel_size >= 3 (or edges=())")
         self.use_identity = resolve_identity("use_identity", use_identity, in_channels, out_channels, stride)
-        if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, (int, float)) or depth_multiplier <= 0:
+        if (isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, (int, float))
+                or depth_multiplier <= 0):
             raise ValueError(f"depth_multiplier must be a positive number, got {depth_multiplier!r}")
         self.depth_multiplier = depth_multiplier
         mid = max(groups, int(out_channels * depth_multiplier) // groups * groups)

@@ -26,6 +26,9 @@ __all__ = [
     "to_grouped",
     "merge_sequential",
     "merge_parallel",
+    "compose_1x1_then_conv",
+    "compose_conv_then_1x1",
+    "pads_input",
     "scale_channels",
     "identity_kernel",
     "subtract_identity",
@@ -148,7 +151,107 @@ def merge_sequential(
     return to_grouped(weight, groups_out), bias
 
 
-def merge_parallel(kernels: Iterable[tuple[Tensor, Tensor | None]], size: int | tuple[int, int] | None = None) -> Kernel:
+def _pair(value: int | tuple[int, ...], arg: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{arg}: expected an int or a pair of ints, got {value!r}")
+
+
+def pads_input(padding: int | tuple[int, ...] | str, kernel_size: tuple[int, int] | int) -> bool:
+    """Whether a conv with this ``padding`` (as ``nn.Conv2d`` takes it) pads its input at all:
+    ``"valid"`` and zeros never do, ``"same"`` does unless the kernel is 1x1."""
+    if padding == "valid":
+        return False
+    if padding == "same":
+        return _pair(kernel_size, "kernel_size") != (1, 1)
+    return any(p != 0 for p in _pair(padding, "padding"))
+
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_1x1(weight: Tensor, arg: str) -> None:
+    if weight.dim() != 4 or tuple(weight.shape[-2:]) != (1, 1):
+        raise ValueError(f"{arg}: expected a 1x1 kernel, got {tuple(weight.shape)}")
+
+
+def _check_ungrouped(groups: int, arg: str) -> None:
+    if groups != 1:
+        raise ValueError(f"{arg}: only ungrouped convs (groups=1) compose exactly here, got groups={groups}")
+
+
+def compose_1x1_then_conv(
+    first: tuple[Tensor, Tensor | None],
+    second: tuple[Tensor, Tensor | None],
+    *,
+    first_stride: int | tuple[int, int] = 1,
+    first_padding: int | tuple[int, int] | str = 0,
+    first_groups: int = 1,
+    second_groups: int = 1,
+    second_padding: int | tuple[int, int] | str = 0,
+    second_padding_mode: str = "zeros",
+) -> Kernel:
+    """Kernel of ``second(first(x))`` for a 1x1 conv ``first`` feeding any conv ``second``, run as ONE conv
+    with ``second``'s kernel size, stride, padding, dilation and padding mode.
+
+    ``W = W2 . W1`` (channels contracted per tap), ``b = b2 + sum_taps(W2) . b1``. Exact when ``first`` is a plain
+    channel mix (1x1, stride 1, no padding, groups 1; its dilation never matters) and ``second`` is ungrouped,
+    and then for every input size: inside the image both sides compute the same sums. At the border ``second``
+    pads ``first``'s output, ``W1 x + b1``; the merged conv pads ``x`` and so sees ``W1 pad(x) + b1``. Reflect,
+    replicate and circular padding copy values, which commutes with the channel mix and keeps the constant
+    ``b1``, so these agree. Zero padding gives ``0`` on one side and ``b1`` on the other: exact only when ``b1``
+    is zero (or absent) or ``second`` does not pad. Anything else raises ``ValueError`` naming the argument.
+    """
+    w1, b1 = first
+    w2, _ = second
+    _check_1x1(w1, "first")
+    if _pair(first_stride, "first_stride") != (1, 1):
+        raise ValueError(f"first_stride: the 1x1 conv must have stride 1 to compose, got {first_stride!r}")
+    if pads_input(first_padding, (1, 1)):
+        raise ValueError(f"first_padding: the 1x1 conv must not pad its input to compose, got {first_padding!r}")
+    _check_ungrouped(first_groups, "first_groups")
+    _check_ungrouped(second_groups, "second_groups")
+    if second_padding_mode not in _PADDING_MODES:
+        raise ValueError(f"second_padding_mode: expected one of {_PADDING_MODES}, got {second_padding_mode!r}")
+    if (b1 is not None and bool(torch.any(b1 != 0)) and second_padding_mode == "zeros"
+            and pads_input(second_padding, tuple(w2.shape[-2:]))):
+        raise ValueError("second_padding: the second conv zero-pads the first's output, which holds the first's "
+                         "nonzero bias at the border; one conv cannot reproduce that (use a bias-free first conv, "
+                         "no padding, or a non-zero padding mode)")
+    return merge_sequential(first, second)
+
+
+def compose_conv_then_1x1(
+    first: tuple[Tensor, Tensor | None],
+    second: tuple[Tensor, Tensor | None],
+    *,
+    first_groups: int = 1,
+    second_stride: int | tuple[int, int] = 1,
+    second_padding: int | tuple[int, int] | str = 0,
+    second_groups: int = 1,
+) -> Kernel:
+    """Kernel of ``second(first(x))`` for any ungrouped conv ``first`` feeding a 1x1 conv ``second``, run as ONE
+    conv with ``first``'s kernel size, stride, padding, dilation and padding mode.
+
+    ``W = W2 . W1`` (channels contracted), ``b = W2 . b1 + b2``. Always exact when ``second`` is a plain channel
+    mix (1x1, stride 1, no padding, groups 1; its dilation never matters) and ``first`` is ungrouped: the 1x1
+    conv acts on each output pixel of ``first`` separately, so it passes through ``first``'s sum, border and
+    padding included. Anything else raises ``ValueError`` naming the argument.
+    """
+    _check_1x1(second[0], "second")
+    if _pair(second_stride, "second_stride") != (1, 1):
+        raise ValueError(f"second_stride: the 1x1 conv must have stride 1 to compose, got {second_stride!r}")
+    if pads_input(second_padding, (1, 1)):
+        raise ValueError(f"second_padding: the 1x1 conv must not pad its input to compose, got {second_padding!r}")
+    _check_ungrouped(first_groups, "first_groups")
+    _check_ungrouped(second_groups, "second_groups")
+    return merge_sequential(first, second)
+
+
+def merge_parallel(kernels: Iterable[tuple[Tensor, Tensor | None]],
+                   size: int | tuple[int, int] | None = None) -> Kernel:
     """Sum of parallel branches: each kernel centred (zero-padded) to ``size`` (default: the largest)."""
     ks = list(kernels)
     if not ks:

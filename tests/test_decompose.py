@@ -144,7 +144,8 @@ def test_planted_tucker_structure_is_recovered_exactly():
 def test_vbmf_rank_on_low_rank_plus_noise_and_clamp():
     rng = np.random.default_rng(1)
     for true_rank in (1, 3, 7):
-        y = rng.standard_normal((30, true_rank)) @ rng.standard_normal((true_rank, 90)) + 0.1 * rng.standard_normal((30, 90))
+        y = (rng.standard_normal((30, true_rank)) @ rng.standard_normal((true_rank, 90))
+             + 0.1 * rng.standard_normal((30, 90)))
         assert evbmf_rank(y) == true_rank
         assert evbmf_rank(y.T) == true_rank
     assert evbmf_rank(0.1 * rng.standard_normal((30, 90))) == 0  # pure noise: nothing above the threshold

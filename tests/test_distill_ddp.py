@@ -64,7 +64,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         d = distill.Distiller(teacher, student, pairs=[("B1", "B1", 1.0), ("B2", "B2", 0.5)], gt_weight=1.0)
         out["init"] = distill.ddp.flat_parameters(d)
         res = distill.train_steps(d, data, steps=3, batch_size=2, ctx=ctx, progress=False, log_every=1,
-                                  checkpoint=Path(out_dir) / "ckpt.pt", optimizer_fn=lambda p: torch.optim.Adam(p, 1e-2))
+                                  checkpoint=Path(out_dir) / "ckpt.pt",
+                                  optimizer_fn=lambda p: torch.optim.Adam(p, 1e-2))
         out["final"] = distill.ddp.flat_parameters(d)
         out["same"] = distill.ddp.same_on_all_ranks(d)
         out["local_losses"] = [h["loss"] for h in res.history]

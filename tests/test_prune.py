@@ -19,8 +19,8 @@ from prune.graph import PixelShuffleIndexError, build_graph, channel_atoms, lock
 
 CHECKPOINTS = {"rfdn": "rfdn_aim2020.pth", "rlfn": "rlfn_ntire2022.pth", "imdn": "imdn_aim2019.pth",
                "fmen": "fmen_ntire2022.pth"}
-SMALL = {"rfdn": dict(nf=16, num_blocks=2), "rlfn": dict(nf=16, mid_channels=16, num_blocks=2), "imdn": dict(nf=16, num_blocks=2),
-         "fmen": dict(nf=16, num_blocks=2, mid_channels=8, warmup_mid_channels=8)}
+SMALL = {"rfdn": dict(nf=16, num_blocks=2), "rlfn": dict(nf=16, mid_channels=16, num_blocks=2),
+         "imdn": dict(nf=16, num_blocks=2), "fmen": dict(nf=16, num_blocks=2, mid_channels=8, warmup_mid_channels=8)}
 TRACE = (1, 3, 24, 24)        # ESA needs >= 15 px (strided conv + 7x7 max-pool)
 FLOPS_IN = None               # FLOPs are counted only where a test checks them
 
@@ -144,7 +144,8 @@ def test_pruned_networks_run_on_odd_sizes(name, real_or_random):
     last = [n for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)][-1]
     assert dict(pruned.named_modules())[last].out_channels == 48
     assert "output" in report.locked[last]
-    assert len(report.history) == report.steps + 1 and report.history[0].params == n0 and report.history[-1].params == n1
+    assert len(report.history) == report.steps + 1
+    assert report.history[0].params == n0 and report.history[-1].params == n1
 
 
 def test_imdn_split_groups_are_reported_not_pruned():

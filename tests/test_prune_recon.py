@@ -58,7 +58,8 @@ def _convs(m: nn.Module) -> dict[str, nn.Conv2d]:
 @given(cin_g=st.integers(1, 3), cout_g=st.integers(1, 3), groups=st.integers(1, 3),
        k=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        dil=st.tuples(st.integers(1, 2), st.integers(1, 2)), pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-       mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]), hw=st.tuples(st.integers(7, 11), st.integers(7, 11)),
+       mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+       hw=st.tuples(st.integers(7, 11), st.integers(7, 11)),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_im2col_rows_times_weight_equal_the_conv(cin_g, cout_g, groups, k, stride, dil, pad, mode, hw, bias, seed):
     torch.manual_seed(seed)
@@ -216,7 +217,8 @@ def test_reconstruction_never_increases_a_layer_error_and_helps_the_output():
 
 def test_bias_compensation_matches_the_teacher_mean():
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 3, 1)).double()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1),
+                        nn.Conv2d(4, 3, 1)).double()
     calib = _calib(8, 10)
     small = prune.l2_filter_prune(net, calib.batches[0][:1], ratio=0.5, progress=False)
     unc = [m.bias.detach().clone() for m in _convs(small).values()]
@@ -446,7 +448,8 @@ def test_official_rfdn_reconstruction_recovers_psnr(checkpoints, shared_data):
     torch.manual_seed(0)
     rfdn = models.load("rfdn", str(checkpoints / "rfdn_aim2020.pth")).eval()
     pairs = [p for p in SRFolder(shared_data / "t91") if min(p.lr.shape[:2]) >= 24][:16]
-    crops = torch.stack([torch.from_numpy(np.ascontiguousarray(p.lr[:24, :24])).permute(2, 0, 1) for p in pairs]).float()
+    crops = torch.stack([torch.from_numpy(np.ascontiguousarray(p.lr[:24, :24])).permute(2, 0, 1)
+                         for p in pairs]).float()
     calib = Calibration(crops, batch_size=8, input_range=255.0, rows_per_batch=2048)
     small = prune.l2_filter_prune(rfdn, crops[:1], ratio=0.18, progress=False,
                                   importance=prune.ActivationImportance(crops[:8]), flops_input_size=None)

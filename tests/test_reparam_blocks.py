@@ -6,7 +6,6 @@ for every block by the one generator in ``test_reparam_contract.py``.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import numpy as np

@@ -75,7 +75,8 @@ def test_onnx_export_matches_onnxruntime(fused_and_reference, tmp_path) -> None:
     fused, x, ref = fused_and_reference
     path = tmp_path / "fused.onnx"
     torch.onnx.export(fused, (x,), str(path), input_names=["lr"], output_names=["sr"],
-                      dynamic_shapes=({2: torch.export.Dim("h", min=8, max=64), 3: torch.export.Dim("w", min=8, max=64)},))
+                      dynamic_shapes=({2: torch.export.Dim("h", min=8, max=64),
+                                       3: torch.export.Dim("w", min=8, max=64)},))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5)

@@ -53,8 +53,8 @@ def test_fold_bn_without_affine() -> None:
     assert rel_err(F.conv2d(x, fw, fb, padding=1), bn(F.conv2d(x, w, padding=1))) <= 1e-12
 
 
-@given(k_small=st.sampled_from([1, 3]), k_big=st.sampled_from([3, 5, 7]), dil=st.integers(1, 3), stride=st.integers(1, 2),
-       data=st.data())
+@given(k_small=st.sampled_from([1, 3]), k_big=st.sampled_from([3, 5, 7]), dil=st.integers(1, 3),
+       stride=st.integers(1, 2), data=st.data())
 def test_padded_small_kernel_equals_small_conv(k_small: int, k_big: int, dil: int, stride: int,
                                                data: st.DataObject) -> None:
     if k_small > k_big:

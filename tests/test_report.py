@@ -109,7 +109,8 @@ def rig(tmp_path_factory):
     sizes = [(96, 128), (80, 112), (64, 96), (88, 100)]
     names = ["a_camera", "b_coffee", "c_astronaut", "d_chelsea"]
     sources = ["camera", "coffee", "astronaut", "chelsea"]
-    evals = [(n, np.ascontiguousarray(photos[s][100:100 + h, 100:100 + w])) for n, s, (h, w) in zip(names, sources, sizes)]
+    evals = [(n, np.ascontiguousarray(photos[s][100:100 + h, 100:100 + w]))
+             for n, s, (h, w) in zip(names, sources, sizes)]
     other = [(n, np.ascontiguousarray(photos[s][20:20 + h, 30:30 + w])) for n, s, (h, w) in zip(names, sources, sizes)]
     torch.manual_seed(0)
     teacher = models.build("rfdn", nf=8, num_blocks=2).eval()
@@ -161,8 +162,9 @@ def test_report_times_fixed_images_reuses_the_student_eval_and_caches_peers(rig)
     # runtime: the first RUNTIME_IMAGES LR images of the eval set, the same ones for every model
     lrs = [p.lr.shape[:2] for p in data.open_dataset(rig["eval"])]
     assert len(lrs) > RUNTIME_IMAGES == 3
-    assert rep["runtime_images"] == [{"set": "eval", "name": n, "lr": list(lrs[i]), "hr": [4 * lrs[i][0], 4 * lrs[i][1]]}
-                                     for i, n in enumerate(["a_camera", "b_coffee", "c_astronaut"])]
+    assert rep["runtime_images"] == [
+        {"set": "eval", "name": n, "lr": list(lrs[i]), "hr": [4 * lrs[i][0], 4 * lrs[i][1]]}
+        for i, n in enumerate(["a_camera", "b_coffee", "c_astronaut"])]
     assert [m["runtime_images"] for m in rep["models"]] == [RUNTIME_IMAGES] * 3
     assert "the same 3 LR image(s) of eval for every model: `a_camera`" in (first / "report.md").read_text()
     # --steps 0: the compress stage evaluated the final student; its numbers are the report's

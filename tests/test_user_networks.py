@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from effsr import cli, models
 from effsr.shrink.recipe import add_op, recipe_for, save_student

@@ -167,7 +167,8 @@ def run_export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         try:
             report.update(export_model(net, staged.path, eval_sets, runtime_images, verify_images, calib, int8,
                                        opset=args.opset, threads=args.threads, trials=args.runtime_trials,
-                                       progress=progress, input_size=tuple(args.input_size) if args.input_size else None))
+                                       progress=progress,
+                                       input_size=tuple(args.input_size) if args.input_size else None))
         except ExportMismatchError as err:
             print(f"effsr export: FAILED verification: {err}", file=sys.stderr)
             return 1, report

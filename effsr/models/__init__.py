@@ -30,6 +30,6 @@ __all__ = [
     "build", "load", "names", "read_state_dict", "check_state_dict", "CheckpointMismatchError", "NETWORKS",
     "SRNet", "RFDN", "RFDNPruned", "RFDB", "RLFN", "RLFB", "FMEN", "HFAB", "BasicBlock", "RepSlot", "IMDN",
     "IMDBlock", "ESA", "ESALite", "apply_conv", "conv_slots", "is_slot", "normalize_conv", "LOADERS",
-    "LAZY_LOADERS", "loaders_for", "register_loader", "open_model", "wrap", "open_network", "build_network", "measure_scale", "source_of",
-    "NetworkSource", "is_user_spec", "parse_model",
+    "LAZY_LOADERS", "loaders_for", "register_loader", "open_model", "wrap", "open_network", "build_network",
+    "measure_scale", "source_of", "NetworkSource", "is_user_spec", "parse_model",
 ]

@@ -85,12 +85,14 @@ def normalize_conv(spec: Any) -> str | dict[str, Any]:
         return cls.name if cls.name and reparam.BLOCKS.get(cls.name) is cls else cls  # type: ignore[return-value]
     if isinstance(spec, dict):
         if "block" not in spec:
-            raise ValueError(f"conv: a dict spec needs a 'block' key (e.g. {{'block': 'ecb'}}), got keys {sorted(spec)}")
+            raise ValueError(f"conv: a dict spec needs a 'block' key (e.g. {{'block': 'ecb'}}), got keys "
+                             f"{sorted(spec)}")
         out = dict(spec)
         block = normalize_conv(out["block"])
         if block == "conv":
             if len(out) > 1:
-                raise ValueError(f"conv: block 'conv' (plain) takes no options, got {sorted(k for k in out if k != 'block')}")
+                raise ValueError(f"conv: block 'conv' (plain) takes no options, got "
+                                 f"{sorted(k for k in out if k != 'block')}")
             return "conv"
         out["block"] = block
         if "include" in out:

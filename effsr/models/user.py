@@ -35,8 +35,8 @@ from torch import nn
 
 from distill.ranges import declared_input_range
 
-__all__ = ["check_config", "check_input_range", "NetworkSource", "parse_model", "is_user_spec", "build_network", "load_weights", "open_network",
-           "wrap", "measure_scale", "source_of", "SOURCE_ATTR"]
+__all__ = ["check_config", "check_input_range", "NetworkSource", "parse_model", "is_user_spec", "build_network",
+           "load_weights", "open_network", "wrap", "measure_scale", "source_of", "SOURCE_ATTR"]
 
 #: Attribute of a network built by :func:`build_network` holding its :class:`NetworkSource` as a dict.
 SOURCE_ATTR = "source"

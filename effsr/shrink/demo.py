@@ -61,7 +61,10 @@ def train_teacher(train_pairs: list[Any], eval_pairs: list[Any], steps: int, nf:
     reparam.set_mode(net, "online")
     ds = PatchDataset(train_pairs, patch_size=patch_size, augment=True, length=max(len(train_pairs), batch_size),
                       seed=seed)
-    sched = (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05))
+
+    def sched(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
+
     t0 = time.perf_counter()
     res = distill.train_steps(distill.Supervised(net), ds, steps, lr=lr, batch_size=batch_size, device=device,
                               seed=seed, progress=progress, scheduler_fn=sched, log_every=max(1, steps // 20),
@@ -89,11 +92,13 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
              patch_size: int = 32, teacher_lr: float = 2e-3, lr: float = 5e-4, device: str = "cpu",
              progress: bool = True, peers: bool = False, resume: bool = False,
              runtime_trials: int = 3, target_fraction: float | None = DEMO_TARGET_FRACTION,
+             target_speedup: float | None = None,
              method: str = "auto", channels_last: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the report data (also in ``out/report.json``).
 
     Default: the data-aware path, a student of at most ``target_fraction`` of the teacher's parameters
-    (``method``: prune / tucker / auto), ``steps`` distillation steps. With ``prune > 0`` or ``tucker`` set
+    (``method``: prune / tucker / auto), ``steps`` distillation steps; with ``target_speedup`` a student that
+    many times faster than the teacher instead (a runtime budget, met by pruning: :mod:`effsr.shrink.speed`). With ``prune > 0`` or ``tucker`` set
     (and ``target_fraction=None``) the plain weight-norm recipe runs instead (``steps`` after each stage).
     ``channels_last``: teacher training and distillation in NHWC memory format (faster on CPU).
     """
@@ -104,15 +109,16 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
 
     out = Path(out)
     teacher_path = out / "teacher.safetensors"
-    if target_fraction is not None and (isinstance(target_fraction, bool) or not isinstance(target_fraction, (int, float))
+    if target_fraction is not None and (isinstance(target_fraction, bool)
+                                        or not isinstance(target_fraction, (int, float))
                                         or not 0 < target_fraction < 1):
         raise ValueError(f"--target-fraction must be in (0, 1), got {target_fraction!r}")
     budget = None
-    if target_fraction is not None and not (prune or tucker is not None):
+    if target_speedup is None and target_fraction is not None and not (prune or tucker is not None):
         n = sum(p.numel() for p in models.build("rfdn", nf=nf).parameters()) if isinstance(nf, int) and nf >= 4 else 0
         budget = int(target_fraction * n)
     cfg = ShrinkConfig(model="rfdn", weights=str(teacher_path), train_data="default", eval_data=["default"],
-                       target_params=budget, method=method,
+                       target_params=budget, target_speedup=target_speedup, method=method,
                        out=str(out), prune=prune, prune_steps=prune_steps, tucker=tucker, steps=steps,
                        batch_size=batch_size, patch_size=patch_size, lr=lr, device=device, seed=seed, resume=resume,
                        peers=peers, runtime_trials=runtime_trials, progress=progress, tucker_min_channels=8,

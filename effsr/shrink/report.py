@@ -26,8 +26,8 @@ from .config import PEER_CHECKPOINTS
 
 __all__ = ["PUBLISHED", "RUNTIME_IMAGES", "CACHE_FORMAT", "measure", "measure_all", "write_outputs", "markdown",
            "summary_table", "plot_frontier", "frontier_figure", "below_bicubic", "runtime_pairs",
-           "runtime_images_info", "evals_match", "evals_reproduce", "eval_set_digest", "report_cache_dir", "ResultCache",
-           "peer_evals", "cached_bicubic"]
+           "runtime_images_info", "evals_match", "evals_reproduce", "eval_set_digest", "report_cache_dir",
+           "ResultCache", "peer_evals", "cached_bicubic"]
 
 #: Published numbers (Y-PSNR on Set5 x4, dB) of the peers, from their papers / the NTIRE 2022 ESR report.
 PUBLISHED: dict[str, dict[str, Any]] = {
@@ -472,7 +472,8 @@ def markdown(data: Mapping[str, Any]) -> str:
         if name == "repify":
             extra.append(f"block {info.get('block')}, training-form params {info.get('params_training_form'):,}")
         if name == "prune":
-            extra.append(f"ratio {info.get('ratio')}: params {info.get('params_before'):,} -> {info.get('params_after'):,}")
+            extra.append(f"ratio {info.get('ratio')}: params {info.get('params_before'):,} -> "
+                         f"{info.get('params_after'):,}")
             fts = [h["finetune"] for h in info.get("history", []) if isinstance(h.get("finetune"), dict)]
             if fts:
                 extra.append(f"{len(fts)} step(s) of {fts[0].get('steps')} distillation steps, last loss "
@@ -521,11 +522,13 @@ def _compress_line(info: Mapping[str, Any]) -> str:
     budget, got = info.get("budget") or 0, info.get("achieved") or 0
     text = (f"data-aware {info.get('chosen')} to {unit} <= {budget:,.0f} (got {got:,.0f}); calibration "
             f"{info.get('calib_patches')} patches of {info.get('calib_patch')} px, "
-            f"{_fmt(info.get('calibration_seconds'), '.1f')} s; one-shot in {_fmt(info.get('oneshot_seconds'), '.1f')} s")
+            f"{_fmt(info.get('calibration_seconds'), '.1f')} s; "
+            f"one-shot in {_fmt(info.get('oneshot_seconds'), '.1f')} s")
     cands = info.get("candidates") or {}
     if len(cands) > 1:
         text += "; auto candidates: " + ", ".join(
-            f"{m} held-out PSNR-Y {_fmt(c.get('held_out_psnr_y'), '.3f')} ({c.get('convs')} convs)" for m, c in cands.items())
+            f"{m} held-out PSNR-Y {_fmt(c.get('held_out_psnr_y'), '.3f')} ({c.get('convs')} convs)"
+            for m, c in cands.items())
     if info.get("eval"):
         text += "; one-shot " + ", ".join(f"{k} PSNR-Y {v['psnr_y']:.3f} dB" for k, v in info["eval"].items())
     return text
