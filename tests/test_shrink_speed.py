@@ -123,3 +123,18 @@ def test_bad_runtime_budgets_are_one_line_exit_2_nothing_written(tiny, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_demo_with_a_speedup_budget(tmp_path, capsys, by_params):
+    """``effsr demo --target-speedup X``: the demo's student is pruned to the runtime budget (auto: pruning only)
+    instead of a parameter fraction."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--teacher-steps", "3", "--steps", "1", "--nf", "8",
+                     "--target-speedup", "1.8", "--no-progress"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    comp = report["stages"]["compress"]
+    assert comp["chosen"] == "prune" and comp["runtime_budget"]["target_speedup"] == 1.8
+    teacher, student = report["models"][0]["params"], report["models"][1]["params"]
+    assert teacher / student >= 1.8 and student <= comp["runtime_budget"]["target_params"]

@@ -246,6 +246,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-fraction", type=float, default=0.5, metavar="F",
                    help="data-aware path: the student keeps at most this fraction of the teacher's params "
                         "(0: off, use --prune/--tucker)")
+    p.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                   help="data-aware path with a runtime budget instead: a student X times faster than the teacher "
+                        "(timed at 256x256 on --threads; replaces --target-fraction)")
     p.add_argument("--method", default="auto", metavar="prune|tucker|auto", help="data-aware method")
     p.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
                    help="plain recipe (with --target-fraction 0): fraction of filters to remove")
@@ -277,7 +280,8 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run_demo(args.out, steps=args.steps, teacher_steps=args.teacher_steps, seed=args.seed, nf=args.nf,
                  prune=args.prune, tucker=args.tucker, device=args.device, resume=args.resume,
-                 target_fraction=args.target_fraction or None, method=args.method,
+                 target_fraction=args.target_fraction or None, target_speedup=args.target_speedup,
+                 method=args.method,
                  peers=args.peers, progress=not args.no_progress, channels_last=args.channels_last)
     except (ValueError, TypeError) as err:
         raise CLIError(error_line(err)) from err

@@ -98,8 +98,9 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 100, teacher_steps: 
 
     Default: the data-aware path, a student of at most ``target_fraction`` of the teacher's parameters
     (``method``: prune / tucker / auto), ``steps`` distillation steps; with ``target_speedup`` a student that
-    many times faster than the teacher instead (a runtime budget, met by pruning: :mod:`effsr.shrink.speed`). With ``prune > 0`` or ``tucker`` set
-    (and ``target_fraction=None``) the plain weight-norm recipe runs instead (``steps`` after each stage).
+    many times faster than the teacher instead (a runtime budget, met by pruning: :mod:`effsr.shrink.speed`).
+    With ``prune > 0`` or ``tucker`` set (and ``target_fraction=None``) the plain weight-norm recipe runs
+    instead (``steps`` after each stage).
     ``channels_last``: teacher training and distillation in NHWC memory format (faster on CPU).
     """
     from effsr import models
