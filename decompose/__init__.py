@@ -15,10 +15,12 @@ from .vbmf import evbmf_rank
 from .budget import LayerChoices, allocate, conv_macs
 from .data_aware import TuckerFit, data_aware_tucker, rank_curves
 from .data_aware_model import data_aware_tucker_model
+from .merge import MergeReport, MergeRow, merge_factors
 
 __all__ = [
     "tucker_conv", "tucker_model", "recompose", "recompose_model", "TuckerConv", "TuckerReport", "LayerReport",
     "RankError", "eligible_convs", "conv_params", "tucker_params", "ranks_for_fraction", "ranks_for_energy",
     "ranks_vbmf", "evbmf_rank",
     "data_aware_tucker_model", "data_aware_tucker", "rank_curves", "TuckerFit", "LayerChoices", "allocate", "conv_macs",
+    "merge_factors", "MergeReport", "MergeRow",
 ]

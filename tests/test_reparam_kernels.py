@@ -177,3 +177,131 @@ def test_functions_do_not_modify_inputs() -> None:
     K.merge_parallel([(w, b), (K.pad_kernel(torch.randn(4, 2, 1, 1), 3), None)])
     K.scale_channels((w, b), torch.full((4,), 2.0))
     assert torch.equal(w, w0) and torch.equal(b, b0)
+
+
+# ------------------------------------------------------------------ compositions of two convs into one conv
+BIAS_KINDS = ("none", "zeros", "random")
+
+
+def drawn_bias(kind: str, n: int, data: st.DataObject) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    return torch.zeros(n, dtype=torch.float64) if kind == "zeros" else data.draw(tensors(n, lo=-3.0, hi=3.0))
+
+
+def scale_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max deviation relative to the output scale (max |ref|, at least 1: an all-zero output is compared absolutely)."""
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_geometry(data: st.DataObject, k: int, mode: str) -> dict:
+    """A drawn stride, dilation, padding (int or "same" at stride 1) and an input size the conv accepts (odd
+    sizes included; reflect/circular need the padding below the input size)."""
+    stride = data.draw(st.sampled_from([1, 2]), label="stride")
+    dil = data.draw(st.sampled_from([1, 2]), label="dilation")
+    padding = data.draw(st.sampled_from([0, 1, 2] + (["same"] if stride == 1 else [])), label="padding")
+    span = dil * (k - 1) + 1
+    size = st.integers(max(span, 3), span + 8)
+    return dict(stride=stride, dilation=dil, padding=padding, padding_mode=mode,
+                h=data.draw(size, label="h"), w=data.draw(size, label="w"))
+
+
+def run_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, g: dict) -> torch.Tensor:
+    conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[-2:]), stride=g["stride"], padding=g["padding"],
+                     dilation=g["dilation"], bias=b is not None, padding_mode=g["padding_mode"]).to(w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if b is not None:
+            conv.bias.copy_(b)
+        return conv(x)
+
+
+def pads_anything(g: dict, k: int) -> bool:
+    return K.pads_input(g["padding"], (k, k))
+
+
+@pytest.mark.parametrize("mode", PADDING_MODES)
+@pytest.mark.parametrize("b1_kind", BIAS_KINDS)
+@given(cin=st.integers(1, 5), mid=st.integers(1, 6), cout=st.integers(1, 5), k=st.sampled_from([1, 3, 5]),
+       b2_kind=st.sampled_from(BIAS_KINDS), data=st.data())
+def test_compose_1x1_then_conv_equals_the_two_convs(b1_kind, mode, cin, mid, cout, k, b2_kind, data) -> None:
+    """Exact (float64 1e-10, float32 1e-5 of the output scale) or, for a nonzero bias before zero padding, refused."""
+    g = conv_geometry(data, k, mode)
+    w1, w2 = data.draw(tensors(mid, cin, 1, 1)), data.draw(tensors(cout, mid, k, k))
+    b1, b2 = drawn_bias(b1_kind, mid, data), drawn_bias(b2_kind, cout, data)
+    x = data.draw(tensors(2, cin, g["h"], g["w"]))
+    call = lambda f, s: K.compose_1x1_then_conv(f, s, second_padding=g["padding"],  # noqa: E731
+                                                second_padding_mode=g["padding_mode"])
+    if b1_kind == "random" and g["padding_mode"] == "zeros" and pads_anything(g, k) and bool((b1 != 0).any()):
+        with pytest.raises(ValueError, match="second_padding"):
+            call((w1, b1), (w2, b2))
+        return
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        t = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+        ref = run_conv(F.conv2d(t(x), t(w1), t(b1)), t(w2), t(b2), g)
+        w, b = call((t(w1), t(b1)), (t(w2), t(b2)))
+        assert w.shape == (cout, cin, k, k) and w.dtype == dtype and b.dtype == dtype
+        assert scale_err(run_conv(t(x), w, b, g), ref) <= tol, dtype
+
+
+@pytest.mark.parametrize("mode", PADDING_MODES)
+@given(cin=st.integers(1, 5), mid=st.integers(1, 6), cout=st.integers(1, 5), k=st.sampled_from([1, 3, 5]),
+       b1_kind=st.sampled_from(BIAS_KINDS), b2_kind=st.sampled_from(BIAS_KINDS), data=st.data())
+def test_compose_conv_then_1x1_equals_the_two_convs(mode, cin, mid, cout, k, b1_kind, b2_kind, data) -> None:
+    """Always exact: float64 to 1e-10 and float32 to 1e-5 of the output scale."""
+    g = conv_geometry(data, k, mode)
+    w1, w2 = data.draw(tensors(mid, cin, k, k)), data.draw(tensors(cout, mid, 1, 1))
+    b1, b2 = drawn_bias(b1_kind, mid, data), drawn_bias(b2_kind, cout, data)
+    x = data.draw(tensors(2, cin, g["h"], g["w"]))
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        t = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+        ref = F.conv2d(run_conv(t(x), t(w1), t(b1), g), t(w2), t(b2))
+        w, b = K.compose_conv_then_1x1((t(w1), t(b1)), (t(w2), t(b2)))
+        assert w.shape == (cout, cin, k, k) and w.dtype == dtype and b.dtype == dtype
+        assert scale_err(run_conv(t(x), w, b, g), ref) <= tol, dtype
+
+
+def test_compose_bias_before_zero_padding_is_really_not_one_conv() -> None:
+    """The rejected case is rejected for a reason: the plain product is wrong exactly at the border."""
+    w1, b1 = torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    w2 = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    x = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
+    ref = F.conv2d(F.conv2d(x, w1, b1), w2, padding=1)            # 4 at a corner, 9 inside
+    w, b = K.merge_sequential((w1, b1), (w2, None))
+    naive = F.conv2d(x, w, b, padding=1)                          # 9 everywhere
+    assert ref[0, 0, 2, 2] == naive[0, 0, 2, 2] == 9 and ref[0, 0, 0, 0] == 4 != naive[0, 0, 0, 0]
+    with pytest.raises(ValueError, match="second_padding"):
+        K.compose_1x1_then_conv((w1, b1), (w2, None), second_padding=1)
+    # the same pair is exact without padding, with a non-zero padding mode, or with a zero bias
+    for kw in (dict(second_padding=0), dict(second_padding=1, second_padding_mode="replicate")):
+        K.compose_1x1_then_conv((w1, b1), (w2, None), **kw)
+    K.compose_1x1_then_conv((w1, torch.zeros(1, dtype=torch.float64)), (w2, None), second_padding="same")
+
+
+@pytest.mark.parametrize("fn, first, second, kw, arg", [
+    ("1x1_then_conv", (2, 3, 3, 3), (4, 2, 3, 3), {}, "first"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(first_stride=2), "first_stride"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(first_stride=(1, 2)), "first_stride"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(first_padding=1), "first_padding"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(first_groups=2), "first_groups"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(second_groups=2), "second_groups"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 2, 3, 3), dict(second_padding_mode="mirror"), "second_padding_mode"),
+    ("1x1_then_conv", (2, 3, 1, 1), (4, 5, 3, 3), {}, "channel"),
+    ("conv_then_1x1", (2, 3, 3, 3), (4, 2, 3, 3), {}, "second"),
+    ("conv_then_1x1", (2, 3, 3, 3), (4, 2, 1, 1), dict(second_stride=2), "second_stride"),
+    ("conv_then_1x1", (2, 3, 3, 3), (4, 2, 1, 1), dict(second_padding=(0, 1)), "second_padding"),
+    ("conv_then_1x1", (2, 3, 3, 3), (4, 2, 1, 1), dict(first_groups=3), "first_groups"),
+    ("conv_then_1x1", (2, 3, 3, 3), (4, 2, 1, 1), dict(second_groups=2), "second_groups"),
+])
+def test_compose_rejects_what_is_not_exact(fn, first, second, kw, arg) -> None:
+    compose = K.compose_1x1_then_conv if fn == "1x1_then_conv" else K.compose_conv_then_1x1
+    with pytest.raises(ValueError, match=arg):
+        compose((torch.zeros(first), None), (torch.zeros(second), None), **kw)
+
+
+def test_pads_input() -> None:
+    assert not K.pads_input(0, 3) and not K.pads_input((0, 0), (3, 3)) and not K.pads_input("valid", 5)
+    assert K.pads_input((0, 1), 3) and K.pads_input("same", (1, 3)) and not K.pads_input("same", 1)
