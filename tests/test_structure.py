@@ -66,18 +66,9 @@ def import_graph() -> dict[str, set[str]]:
 
 MODULES = {_module_name(p): p for p in _files(*PACKAGES)}
 
-#: Import edges ``(importer, imported)`` that still close a cycle, each a function-local import. They are to be
-#: removed (then deleted here; the test fails while a listed edge no longer exists or no longer closes a cycle):
-#: * config -> compress: ShrinkConfig.validate reads the choice tuples (METHODS, IMPORTANCES, OBJECTIVES,
-#:   ALLOCATIONS) from compress, which imports config's constants; the tuples belong in config;
-#: * compress -> stages: stage_compress/stage_distill live in compress and need stages' evaluate_all and
-#:   PRUNE_INPUT_SHAPE; the two stage functions belong in stages;
-#: * stages -> runner: _final_student_eval builds a StageRunner for its file paths; RunState.stage_paths has them.
-KNOWN_CYCLES = {
-    ("effsr.shrink.config", "effsr.shrink.compress"),
-    ("effsr.shrink.compress", "effsr.shrink.stages"),
-    ("effsr.shrink.stages", "effsr.shrink.runner"),
-}
+#: Import edges ``(importer, imported)`` that still close a cycle, each a function-local import, to be removed
+#: (then deleted here; the test fails while a listed edge no longer exists or no longer closes a cycle).
+KNOWN_CYCLES: set[tuple[str, str]] = set()
 
 
 def _is_type_checking(node: ast.AST) -> bool:

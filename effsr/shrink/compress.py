@@ -33,16 +33,13 @@ from torch import nn
 
 from prune.budget import ALLOCATIONS  # how pruning spreads a budget: see prune.prune_to_budget(allocation=)
 
-from .config import CALIB_PATCH, CALIB_ROWS, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, IMPORTANCES, METHODS, OBJECTIVES, TUCKER_REFINE
 
 __all__ = ["METHODS", "IMPORTANCES", "OBJECTIVES", "ALLOCATIONS", "calibration_patch_size", "held_out",
            "fitting_images", "calibration_patches", "make_calibration", "challenge_conv_flops", "budget_of",
            "check_budget", "oneshot", "choose", "patch_psnr_y", "PRUNE_EXAMPLE_SHAPE", "refine_blocks_of",
-           "block_names", "block_output_channels"]
+           "block_names", "block_output_channels", "runtime_target", "MAX_PRUNE_RATIO"]
 
-METHODS = ("prune", "tucker", "auto")
-IMPORTANCES = ("l2", "activation", "recon")
-OBJECTIVES = ("psnr", "runtime")
 #: Tracing input of the pruning graph (ESA needs >= 16 px); recorded in the recipe.
 PRUNE_EXAMPLE_SHAPE = (1, 3, 32, 32)
 #: Largest fraction of each group's filters pruning may remove while meeting a budget.
@@ -413,7 +410,7 @@ def choose(candidates: dict[str, dict[str, Any]], objective: str, tolerance: flo
     return min(near, key=lambda m: candidates[m]["runtime_ms"])
 
 
-# ------------------------------------------------------------------------------------------------ stages
+# ------------------------------------------------------------------------------------------ runtime budget
 def runtime_target(cfg: Any, teacher: nn.Module, student: nn.Module, device: Any, log: Any = None,
                    steps: int | None = None) -> dict[str, Any]:
     """The parameter budget meeting ``cfg``'s runtime budget by pruning ``student``
@@ -424,148 +421,3 @@ def runtime_target(cfg: Any, teacher: nn.Module, student: nn.Module, device: Any
                               target_runtime=cfg.target_runtime, size=tuple(cfg.runtime_size or RUNTIME_SIZE),
                               input_range=model_input_range(teacher), trials=max(3, cfg.runtime_trials),
                               device=device, log=log, steps=SEARCH_STEPS if steps is None else steps)
-
-
-def _run_candidates(state: Any, methods: list[str], calib: Any, held: tuple[torch.Tensor, torch.Tensor],
-                    target_params: int | None, target_flops: float | None) -> tuple[str, nn.Module, dict[str, Any]]:
-    from effsr import metrics
-
-    cfg = state.cfg
-    base = state.student.to(state.device).eval()
-    teacher = state.teacher.to(state.device).eval()
-    built: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for m in methods:
-        model, info = oneshot(m, base, teacher, calib, target_params, target_flops,
-                              importance=cfg.importance, min_channels=cfg.tucker_min_channels,
-                              progress=cfg.progress, allocation=cfg.allocation, refine=cfg.tucker_refine)
-        info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
-        if cfg.refine_steps > 0:
-            model, info = _refined(state, m, model, info, calib, held)
-        prof = metrics.profile(model)
-        info.update({"params": prof.params, "flops": prof.flops, "activations": prof.activations,
-                     "convs": prof.convs})
-        if len(methods) > 1 and cfg.objective == "runtime":
-            first = next(iter(state.eval_sets.values()))
-            info["runtime_ms"] = metrics.runtime(model, [p.lr for p in first[:2]], device=state.device,
-                                                 trials=cfg.runtime_trials, warmup=1)["ms_per_image"]
-        state.log(f"one-shot {m}: {prof.params:,} params, {prof.flops / 1e9:.2f} G FLOPs, "
-                  f"{prof.activations / 1e6:.1f} M acts, {prof.convs} convs; held-out patches PSNR-Y "
-                  f"{info['held_out_psnr_y']:.3f} dB ({info['seconds']:.1f} s)")
-        if info.get("locked"):
-            state.log(f"one-shot {m}: {len(info['locked'])} group(s) locked, kept whole: " + "; ".join(
-                f"{name} ({why})" for name, why in info["locked"].items()))
-        built[m] = (model, info)
-    pick = methods[0] if len(methods) == 1 else choose({m: i for m, (_, i) in built.items()}, cfg.objective,
-                                                      cfg.objective_tolerance)
-    cands = {m: {k: v for k, v in i.items() if k not in ("history", "ranks", "layers")} for m, (_, i) in built.items()}
-    return pick, built[pick][0], {"candidates": cands, **built[pick][1]}
-
-
-def _refined(state: Any, method: str, model: nn.Module, info: dict[str, Any], calib: Any,
-             held: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
-    """The one-shot student with its blocks refined (``--refine-steps``) when that raises the held-out PSNR-Y."""
-    cfg = state.cfg
-    t0 = time.perf_counter()
-    refined, rep = refine_blocks_of(model, state.teacher, calib, cfg.refine_steps, cfg.refine_lr, cfg.seed,
-                                    progress=cfg.progress)
-    before = info["held_out_psnr_y"]
-    after = patch_psnr_y(refined, *held, y_round=cfg.y_round) if rep.get("blocks") else before
-    keep = after > before
-    fitted = [b for b in rep.get("blocks", []) if not b.get("skipped")]
-    skipped = {b["name"]: b["skipped"] for b in rep.get("blocks", []) if b.get("skipped")}
-    info = {**info, "refine": {"steps": cfg.refine_steps, "lr": cfg.refine_lr, "kept": keep,
-                               "held_out_before": before, "held_out_after": after,
-                               "blocks": [b["name"] for b in fitted], "skipped": skipped,
-                               "seconds": round(time.perf_counter() - t0, 3), "per_block": rep.get("blocks", [])}}
-    state.log(f"one-shot {method}: block refinement of {len(fitted)} block(s), {cfg.refine_steps} steps each: "
-              f"held-out PSNR-Y {before:.3f} -> {after:.3f} dB ({'kept' if keep else 'not kept'}, "
-              f"{info['refine']['seconds']:.1f} s)" + (f"; skipped {skipped}" if skipped else ""))
-    if keep:
-        info["held_out_psnr_y"] = after
-        info["seconds"] = round(info["seconds"] + info["refine"]["seconds"], 3)
-        return refined, info
-    return model, info
-
-
-def stage_compress(state: Any) -> dict[str, Any]:
-    """Data-aware compression to ``--target-params`` / ``--target-flops`` (no gradient step)."""
-    from .recipe import add_op
-    from .stages import PRUNE_INPUT_SHAPE, evaluate_all
-
-    cfg = state.cfg
-    t0 = time.perf_counter()
-    target_params, target_flops, timed = cfg.target_params, cfg.target_flops, None
-    if cfg.runtime_budget:  # the parameter count whose pruned network meets it, timed on this device
-        timed = runtime_target(cfg, state.teacher, state.student.to(state.device), state.device, log=state.log)
-        target_params = timed["target_params"]
-        methods = ["prune"]
-        state.log(f"runtime budget: pruning to {target_params:,} params (predicted {timed['predicted_speedup']:.2f}x, "
-                  f"{timed['predicted_ms']:.1f} ms at {timed['size'][0]}x{timed['size'][1]} on {timed['device']})")
-    else:
-        methods = check_budget(state.student, cfg.method, target_params, target_flops, cfg.tucker_min_channels)
-    if cfg.method == "auto" and len(methods) < 2:
-        state.log(f"auto: only {methods[0]} can reach the budget")
-    pairs = state.calib_pairs  # every training image, also those under the training patch
-    patch = calibration_patch_size(pairs, cfg.calib_patch)
-    n = int(cfg.calib_images)
-    lr, hr = calibration_patches(pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
-    rng = model_input_range(state.teacher)
-    calib = make_calibration(lr[:n], rng, cfg.seed, rows=cfg.calib_rows)
-    held = (lr[n:], hr[n:]) if len(methods) > 1 else (lr[:n], hr[:n])
-    t_calib = time.perf_counter() - t0
-    fit = len(fitting_images(pairs, patch))
-    state.log(f"calibration: {n} LR patches of {patch} px from {fit} training image(s)"
-              + (f" ({held[0].shape[0]} more held out)" if len(methods) > 1 else ""))
-    pick, model, info = _run_candidates(state, methods, calib, held, target_params, target_flops)
-    if pick == "prune":
-        if list(PRUNE_EXAMPLE_SHAPE) != list(PRUNE_INPUT_SHAPE):  # pragma: no cover - one tracing shape
-            raise RuntimeError("tracing shapes differ")
-        state.recipe = add_op(state.recipe, {"op": "prune", "history": info["history"],
-                                             "input_shape": list(PRUNE_EXAMPLE_SHAPE), "budget": info["budget"],
-                                             "importance": cfg.importance, "reconstructed": True})
-    else:
-        state.recipe = add_op(state.recipe, {"op": "tucker", "ranks": info["ranks"], "data_aware": True})
-    if len(methods) > 1:
-        state.log(f"auto ({cfg.objective}): chose {pick}")
-    state.student = model
-    info = {k: v for k, v in info.items() if k != "history"}
-    info.update({"chosen": pick, "calibration_seconds": round(t_calib, 3),
-                 "oneshot_seconds": round(time.perf_counter() - t0, 3), "calib_patches": n, "calib_patch": patch,
-                 "calib_images": fit, "calib_rows": cfg.calib_rows, "tucker_refine": cfg.tucker_refine})
-    if timed is not None:
-        info["runtime_budget"] = _timed_student(state, model, timed)
-    if state.main:
-        info["eval"] = evaluate_all(state, model, f"one-shot {pick}")
-    return info
-
-
-def _timed_student(state: Any, model: nn.Module, timed: dict[str, Any]) -> dict[str, Any]:
-    """The runtime budget's search and the finished student timed beside its teacher (same input and device)."""
-    from .speed import time_pair
-
-    size = timed["size"]
-    x = (torch.rand(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(0))
-         * model_input_range(state.teacher)).to(state.device)
-    t_ms, s_ms = time_pair(state.teacher.to(state.device), model.to(state.device), x, trials=timed["trials"])
-    speedup = t_ms / s_ms
-    cfg = state.cfg
-    met = speedup >= cfg.target_speedup if cfg.target_speedup is not None else s_ms <= cfg.target_runtime
-    want = f"{cfg.target_speedup:g}x" if cfg.target_speedup is not None else f"{cfg.target_runtime:g} ms"
-    state.log(f"runtime budget: the student runs {s_ms:.1f} ms vs the teacher's {t_ms:.1f} ms ({speedup:.2f}x; "
-              f"budget {want}: {'met' if met else 'missed on this measurement'})")
-    return {**timed, "student_ms": round(s_ms, 3), "teacher_ms_final": round(t_ms, 3), "speedup": round(speedup, 4),
-            "met": met}
-
-
-def stage_distill(state: Any) -> dict[str, Any]:
-    """Distillation of the compressed student (``--steps``), then its PSNR."""
-    from .finetune import distill_finetune
-    from .stages import evaluate_all
-
-    t0 = time.perf_counter()
-    ft = distill_finetune(state, state.student, state.cfg.steps, state.finetune_seed(), "distill")
-    state.student = state.student.eval()
-    info: dict[str, Any] = {"finetune": ft, "distill_seconds": round(time.perf_counter() - t0, 3)}
-    if state.main:
-        info["eval"] = evaluate_all(state, state.student, "after distillation")
-    return info

@@ -36,6 +36,13 @@ LR_SCHEDULES = ("constant", "cosine")
 #: Where a cosine schedule ends, as a fraction of ``lr``.
 COSINE_FLOOR = 0.05
 
+#: The data-aware path's choices (``--method``, ``--importance``, ``--objective``); ``ALLOCATIONS`` (``--allocation``,
+#: how pruning spreads a budget) is :data:`prune.budget.ALLOCATIONS`, read from there on first use (importing
+#: ``prune.budget`` loads torch-pruning, which ``effsr --help`` does not need).
+METHODS = ("prune", "tucker", "auto")
+IMPORTANCES = ("l2", "activation", "recon")
+OBJECTIVES = ("psnr", "runtime")
+
 #: Settings added after runs were written, with their "off" value: left out of the fingerprint while off, so
 #: ``--resume`` still accepts the stages those runs wrote.
 _ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "target_speedup": None,
@@ -43,7 +50,17 @@ _ADDED_OFF: dict[str, Any] = {"ema_decay": None, "train_minutes": None, "target_
                               "input_range": None, "scale": None,
                               "weights_key": None, "feature_layers": None}
 
-__all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS"]
+__all__ = ["ShrinkConfig", "LR_SCHEDULES", "COSINE_FLOOR", "find_peers_dir", "PEER_CHECKPOINTS", "METHODS",
+           "IMPORTANCES", "OBJECTIVES"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ALLOCATIONS":  # prune.budget's, imported on first use (so not in __all__)
+        from prune.budget import ALLOCATIONS
+
+        return ALLOCATIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Official checkpoints of the shared data set and the network each one is (file name -> model name).
 PEER_CHECKPOINTS = {
@@ -260,7 +277,7 @@ class ShrinkConfig:
         return self.target_speedup is not None or self.target_runtime is not None
 
     def _check_budget(self) -> None:
-        from .compress import ALLOCATIONS, IMPORTANCES, METHODS, OBJECTIVES
+        from prune.budget import ALLOCATIONS
 
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"--allocation: unknown allocation {self.allocation!r}; choose from "

@@ -29,7 +29,7 @@ import torch
 
 from reparam.utils.io import write_json, write_text
 
-from .config import CALIB_PATCH, CALIB_ROWS, TUCKER_REFINE
+from .config import CALIB_PATCH, CALIB_ROWS, IMPORTANCES, TUCKER_REFINE
 
 __all__ = ["FrontierConfig", "run_frontier", "FRONTIER_METHODS"]
 
@@ -83,8 +83,6 @@ class FrontierConfig:
                             weights_key=self.weights_key)
 
     def validate(self) -> "FrontierConfig":
-        from .compress import IMPORTANCES
-
         if not self.budgets:
             raise ValueError("--budgets: give at least one fraction")
         for b in self.budgets:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .compress import stage_compress, stage_distill
+from effsr.inference import input_range as model_input_range
+
+from .compress import (PRUNE_EXAMPLE_SHAPE, calibration_patch_size, calibration_patches, check_budget, choose,
+                       fitting_images, held_out, make_calibration, oneshot, patch_psnr_y, refine_blocks_of,
+                       runtime_target)
 from .config import ShrinkConfig
 from .finetune import distill_finetune
 from .recipe import add_op, load_student, recipe_for, save_student, tucker_ranks
@@ -24,8 +29,8 @@ from .verify import verify_same
 
 __all__ = ["Stage", "STAGES", "STAGE_NAMES", "get_stage", "PRUNE_INPUT_SHAPE", "evaluate_all"]
 
-#: Example input for tracing when pruning (ESA needs >= 16 px).
-PRUNE_INPUT_SHAPE = (1, 3, 32, 32)
+#: Example input for tracing when pruning (ESA needs >= 16 px): the data-aware path's, one shape for both.
+PRUNE_INPUT_SHAPE = PRUNE_EXAMPLE_SHAPE
 
 
 def _always(cfg: ShrinkConfig) -> bool:
@@ -173,6 +178,144 @@ def stage_tucker(state: RunState) -> dict[str, Any]:
     return info
 
 
+# ------------------------------------------------------------------ the data-aware path (budgets)
+def _run_candidates(state: RunState, methods: list[str], calib: Any, held: tuple[torch.Tensor, torch.Tensor],
+                    target_params: int | None, target_flops: float | None) -> tuple[str, nn.Module, dict[str, Any]]:
+    from effsr import metrics
+
+    cfg = state.cfg
+    base = state.student.to(state.device).eval()
+    teacher = state.teacher.to(state.device).eval()
+    built: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    for m in methods:
+        model, info = oneshot(m, base, teacher, calib, target_params, target_flops,
+                              importance=cfg.importance, min_channels=cfg.tucker_min_channels,
+                              progress=cfg.progress, allocation=cfg.allocation, refine=cfg.tucker_refine)
+        info["held_out_psnr_y"] = patch_psnr_y(model, *held, y_round=cfg.y_round)
+        if cfg.refine_steps > 0:
+            model, info = _refined(state, m, model, info, calib, held)
+        prof = metrics.profile(model)
+        info.update({"params": prof.params, "flops": prof.flops, "activations": prof.activations,
+                     "convs": prof.convs})
+        if len(methods) > 1 and cfg.objective == "runtime":
+            first = next(iter(state.eval_sets.values()))
+            info["runtime_ms"] = metrics.runtime(model, [p.lr for p in first[:2]], device=state.device,
+                                                 trials=cfg.runtime_trials, warmup=1)["ms_per_image"]
+        state.log(f"one-shot {m}: {prof.params:,} params, {prof.flops / 1e9:.2f} G FLOPs, "
+                  f"{prof.activations / 1e6:.1f} M acts, {prof.convs} convs; held-out patches PSNR-Y "
+                  f"{info['held_out_psnr_y']:.3f} dB ({info['seconds']:.1f} s)")
+        if info.get("locked"):
+            state.log(f"one-shot {m}: {len(info['locked'])} group(s) locked, kept whole: " + "; ".join(
+                f"{name} ({why})" for name, why in info["locked"].items()))
+        built[m] = (model, info)
+    pick = methods[0] if len(methods) == 1 else choose({m: i for m, (_, i) in built.items()}, cfg.objective,
+                                                      cfg.objective_tolerance)
+    cands = {m: {k: v for k, v in i.items() if k not in ("history", "ranks", "layers")} for m, (_, i) in built.items()}
+    return pick, built[pick][0], {"candidates": cands, **built[pick][1]}
+
+
+def _refined(state: RunState, method: str, model: nn.Module, info: dict[str, Any], calib: Any,
+             held: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """The one-shot student with its blocks refined (``--refine-steps``) when that raises the held-out PSNR-Y."""
+    cfg = state.cfg
+    t0 = time.perf_counter()
+    refined, rep = refine_blocks_of(model, state.teacher, calib, cfg.refine_steps, cfg.refine_lr, cfg.seed,
+                                    progress=cfg.progress)
+    before = info["held_out_psnr_y"]
+    after = patch_psnr_y(refined, *held, y_round=cfg.y_round) if rep.get("blocks") else before
+    keep = after > before
+    fitted = [b for b in rep.get("blocks", []) if not b.get("skipped")]
+    skipped = {b["name"]: b["skipped"] for b in rep.get("blocks", []) if b.get("skipped")}
+    info = {**info, "refine": {"steps": cfg.refine_steps, "lr": cfg.refine_lr, "kept": keep,
+                               "held_out_before": before, "held_out_after": after,
+                               "blocks": [b["name"] for b in fitted], "skipped": skipped,
+                               "seconds": round(time.perf_counter() - t0, 3), "per_block": rep.get("blocks", [])}}
+    state.log(f"one-shot {method}: block refinement of {len(fitted)} block(s), {cfg.refine_steps} steps each: "
+              f"held-out PSNR-Y {before:.3f} -> {after:.3f} dB ({'kept' if keep else 'not kept'}, "
+              f"{info['refine']['seconds']:.1f} s)" + (f"; skipped {skipped}" if skipped else ""))
+    if keep:
+        info["held_out_psnr_y"] = after
+        info["seconds"] = round(info["seconds"] + info["refine"]["seconds"], 3)
+        return refined, info
+    return model, info
+
+
+def stage_compress(state: RunState) -> dict[str, Any]:
+    """Data-aware compression to ``--target-params`` / ``--target-flops`` (no gradient step)."""
+    cfg = state.cfg
+    t0 = time.perf_counter()
+    target_params, target_flops, timed = cfg.target_params, cfg.target_flops, None
+    if cfg.runtime_budget:  # the parameter count whose pruned network meets it, timed on this device
+        timed = runtime_target(cfg, state.teacher, state.student.to(state.device), state.device, log=state.log)
+        target_params = timed["target_params"]
+        methods = ["prune"]
+        state.log(f"runtime budget: pruning to {target_params:,} params (predicted {timed['predicted_speedup']:.2f}x, "
+                  f"{timed['predicted_ms']:.1f} ms at {timed['size'][0]}x{timed['size'][1]} on {timed['device']})")
+    else:
+        methods = check_budget(state.student, cfg.method, target_params, target_flops, cfg.tucker_min_channels)
+    if cfg.method == "auto" and len(methods) < 2:
+        state.log(f"auto: only {methods[0]} can reach the budget")
+    pairs = state.calib_pairs  # every training image, also those under the training patch
+    patch = calibration_patch_size(pairs, cfg.calib_patch)
+    n = int(cfg.calib_images)
+    lr, hr = calibration_patches(pairs, n + (held_out(n) if len(methods) > 1 else 0), patch, cfg.seed)
+    rng = model_input_range(state.teacher)
+    calib = make_calibration(lr[:n], rng, cfg.seed, rows=cfg.calib_rows)
+    held = (lr[n:], hr[n:]) if len(methods) > 1 else (lr[:n], hr[:n])
+    t_calib = time.perf_counter() - t0
+    fit = len(fitting_images(pairs, patch))
+    state.log(f"calibration: {n} LR patches of {patch} px from {fit} training image(s)"
+              + (f" ({held[0].shape[0]} more held out)" if len(methods) > 1 else ""))
+    pick, model, info = _run_candidates(state, methods, calib, held, target_params, target_flops)
+    if pick == "prune":
+        state.recipe = add_op(state.recipe, {"op": "prune", "history": info["history"],
+                                             "input_shape": list(PRUNE_INPUT_SHAPE), "budget": info["budget"],
+                                             "importance": cfg.importance, "reconstructed": True})
+    else:
+        state.recipe = add_op(state.recipe, {"op": "tucker", "ranks": info["ranks"], "data_aware": True})
+    if len(methods) > 1:
+        state.log(f"auto ({cfg.objective}): chose {pick}")
+    state.student = model
+    info = {k: v for k, v in info.items() if k != "history"}
+    info.update({"chosen": pick, "calibration_seconds": round(t_calib, 3),
+                 "oneshot_seconds": round(time.perf_counter() - t0, 3), "calib_patches": n, "calib_patch": patch,
+                 "calib_images": fit, "calib_rows": cfg.calib_rows, "tucker_refine": cfg.tucker_refine})
+    if timed is not None:
+        info["runtime_budget"] = _timed_student(state, model, timed)
+    if state.main:
+        info["eval"] = evaluate_all(state, model, f"one-shot {pick}")
+    return info
+
+
+def _timed_student(state: RunState, model: nn.Module, timed: dict[str, Any]) -> dict[str, Any]:
+    """The runtime budget's search and the finished student timed beside its teacher (same input and device)."""
+    from .speed import time_pair
+
+    size = timed["size"]
+    x = (torch.rand(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(0))
+         * model_input_range(state.teacher)).to(state.device)
+    t_ms, s_ms = time_pair(state.teacher.to(state.device), model.to(state.device), x, trials=timed["trials"])
+    speedup = t_ms / s_ms
+    cfg = state.cfg
+    met = speedup >= cfg.target_speedup if cfg.target_speedup is not None else s_ms <= cfg.target_runtime
+    want = f"{cfg.target_speedup:g}x" if cfg.target_speedup is not None else f"{cfg.target_runtime:g} ms"
+    state.log(f"runtime budget: the student runs {s_ms:.1f} ms vs the teacher's {t_ms:.1f} ms ({speedup:.2f}x; "
+              f"budget {want}: {'met' if met else 'missed on this measurement'})")
+    return {**timed, "student_ms": round(s_ms, 3), "teacher_ms_final": round(t_ms, 3), "speedup": round(speedup, 4),
+            "met": met}
+
+
+def stage_distill(state: RunState) -> dict[str, Any]:
+    """Distillation of the compressed student (``--steps``), then its PSNR."""
+    t0 = time.perf_counter()
+    ft = distill_finetune(state, state.student, state.cfg.steps, state.finetune_seed(), "distill")
+    state.student = state.student.eval()
+    info: dict[str, Any] = {"finetune": ft, "distill_seconds": round(time.perf_counter() - t0, 3)}
+    if state.main:
+        info["eval"] = evaluate_all(state, state.student, "after distillation")
+    return info
+
+
 #: Stages whose ``eval`` result is the evaluation of the very student they leave behind.
 _STUDENT_EVALUATING_STAGES = ("compress", "distill")
 
@@ -196,8 +339,6 @@ def _final_student_eval(state: RunState, student_file: Any) -> tuple[dict[str, A
     :data:`_STUDENT_EVALUATING_STAGES` evaluate the student they leave; its saved weights must also equal
     the final student's. Otherwise ``(None, None)``: the report evaluates the student itself.
     """
-    from .runner import StageRunner
-
     ran = [s for s in STAGES if s.name != "report" and s.enabled(state.cfg)]
     if not ran or ran[-1].name not in _STUDENT_EVALUATING_STAGES:
         return None, None
@@ -205,7 +346,7 @@ def _final_student_eval(state: RunState, student_file: Any) -> tuple[dict[str, A
     evals = (state.results.get(last.name) or {}).get("eval")
     if not evals:
         return None, None
-    weights, _ = StageRunner(state, stop_after="").paths(last)
+    weights, _ = state.stage_paths(last)
     if not _same_weights(weights, student_file):
         return None, None
     return evals, last.name
