@@ -199,7 +199,8 @@ class ShrinkConfig:
         if not is_int(self.prune_steps) or self.prune_steps < 1:
             raise ValueError(f"--prune-steps must be an int >= 1, got {self.prune_steps!r}")
         if self.tucker is not None and (not is_number(self.tucker) or not 0.0 < float(self.tucker) <= 1.0):
-            raise ValueError(f"--tucker: the fraction of conv parameters to keep must be in (0, 1], got {self.tucker!r}")
+            raise ValueError(f"--tucker: the fraction of conv parameters to keep must be in (0, 1], "
+                             f"got {self.tucker!r}")
         if self.repify is not None:
             self._check_block(self.repify)
         if self.train_minutes is not None and (not is_number(self.train_minutes)
@@ -237,9 +238,10 @@ class ShrinkConfig:
             raise TypeError(f"--channels-last must be a bool, got {type(self.channels_last).__name__}")
         if not is_number(self.feature_weight) or self.feature_weight < 0:
             raise ValueError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
-        if self.feature_layers is not None and self.feature_layers != "blocks" and (
-                not isinstance(self.feature_layers, list) or not all(isinstance(n, str) and n for n in self.feature_layers)):
-            raise TypeError(f"--feature-layers must be 'blocks' or a list of module names, got {self.feature_layers!r}")
+        layers = self.feature_layers
+        if layers is not None and layers != "blocks" and (
+                not isinstance(layers, list) or not all(isinstance(n, str) and n for n in layers)):
+            raise TypeError(f"--feature-layers must be 'blocks' or a list of module names, got {layers!r}")
         from distill.ema import check_ema_decay  # the one rule train_steps applies
 
         try:

@@ -14,7 +14,8 @@ from .config import COSINE_FLOOR, LR_SCHEDULES
 from .seeds import seed_everything
 from .state import RunState, training_form
 
-__all__ = ["distill_finetune", "feature_pairs", "feature_layers", "check_feature_layers", "lr_scheduler", "STOP_STEP_ENV", "stop_hook"]
+__all__ = ["distill_finetune", "feature_pairs", "feature_layers", "check_feature_layers", "lr_scheduler",
+           "STOP_STEP_ENV", "stop_hook"]
 
 #: Test hook: ``EFFSR_SHRINK_STOP_AT_STEP=<stage>:<round>:<step>`` raises KeyboardInterrupt after distillation
 #: step ``step`` of pruning round ``round`` (0 for the other stages) of stage ``stage`` (``teacher_training``
