@@ -405,9 +405,9 @@ def test_shrink_truncated_weights_is_one_clean_line(tmp_path, capsys):
 
 
 def test_shrink_patch_size_argument(tmp_path, capsys, rfdn_weights):
-    from effsr.shrink.commands import _patch_size
+    from effsr.shrink.config import patch_size_arg
 
-    assert _patch_size("auto") is None and _patch_size("24") == 24
+    assert patch_size_arg("auto") is None and patch_size_arg("24") == 24
     code, _, err = _run(capsys, "shrink", "--model", "rfdn", "--weights", str(rfdn_weights), "--train-data",
                         "default", "--eval-data", "default", "--patch-size", "big", "--out", str(tmp_path / "r"))
     assert code == 2 and "--patch-size" in err and "'auto'" in err

@@ -29,49 +29,76 @@ import torch
 
 from reparam.utils.io import write_json, write_text
 
-from .config import CALIB_PATCH, CALIB_ROWS, IMPORTANCES, TUCKER_REFINE
+from .config import IMPORTANCES, ShrinkConfig
+from .options import SettingError, SettingTypeError, arg, either, inverted, like, setting
 
 __all__ = ["FrontierConfig", "run_frontier", "FRONTIER_METHODS"]
 
 FRONTIER_METHODS = ("prune", "tucker")
+#: Where ``--out`` is added: by the command (``--help`` lists it before ``--resume``).
+_COMMAND = "the command"
+
+
+def budgets_arg(text: str) -> list[float]:
+    """``--budgets``: comma-separated fractions."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets: expected comma-separated numbers, got {text!r}") from None
+
+
+def methods_arg(text: str) -> list[str]:
+    """``--method``: comma-separated methods."""
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 @dataclasses.dataclass
 class FrontierConfig:
-    """Settings of ``effsr frontier`` (validated by :meth:`validate`, before any work)."""
+    """Settings of ``effsr frontier`` (validated by :meth:`validate`, before any work). Each field declares its
+    option (:func:`effsr.shrink.options.setting`; those it shares with ``effsr shrink`` taken from
+    :class:`~effsr.shrink.ShrinkConfig`), in the order ``effsr frontier --help`` lists them."""
 
-    model: str
-    weights: str
-    calib_data: str
-    eval_data: list[str]
-    out: str
-    budgets: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.67, 0.5, 0.33])
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(FRONTIER_METHODS))
-    calib_images: int = 64
-    calib_rows: int | None = CALIB_ROWS
-    calib_patch: int = CALIB_PATCH
-    tucker_refine: int = TUCKER_REFINE
-    importance: str = "recon"
-    tucker_min_channels: int = 16
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    peers: bool | None = None
-    peers_dir: str | None = None
-    runtime_trials: int = 1
-    max_eval_images: int | None = None
-    y_round: bool = True
-    progress: bool = True
-    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: str = like(ShrinkConfig, "model")
+    weights: str = like(ShrinkConfig, "weights")
+    calib_data: str = setting(flag="--calib-data", required=True, metavar="DIR",
+                              help="calibration images: HR/ [+ LR_bicubic/X4/], HR-only, or 'default' (scikit-image "
+                                   "photos)")
+    eval_data: list[str] = setting(flag="--eval-data", convert=list, required=True, action="append", metavar="DIR",
+                                   help="evaluation set (repeat for several); the plot uses the first")
+    out: str = setting(flag="--out", added_by=_COMMAND)
+    budgets: list[float] = setting(flag="--budgets", default_factory=lambda: [0.9, 0.8, 0.67, 0.5, 0.33],
+                                   convert=budgets_arg, cli_default="0.9,0.8,0.67,0.5,0.33", metavar="F,F,...",
+                                   help="fractions of the teacher's params, each in (0, 1)")
+    methods: list[str] = setting(flag="--method", default_factory=lambda: list(FRONTIER_METHODS), convert=methods_arg,
+                                 cli_default="prune,tucker", metavar="M,M",
+                                 help="one-shot methods: prune (+ least-squares reconstruction), tucker (data-aware)")
+    importance: str = setting("recon", flag="--importance", metavar="l2|activation|recon", help="pruning importance")
+    calib_images: int = like(ShrinkConfig, "calib_images")
+    calib_patch: int = like(ShrinkConfig, "calib_patch")
+    calib_rows: int | None = like(ShrinkConfig, "calib_rows")
+    tucker_refine: int = like(ShrinkConfig, "tucker_refine")
+    tucker_min_channels: int = setting(16, flag="--tucker-min-channels", type=int, metavar="N",
+                                       help="Tucker skips convs with fewer channels")
+    resume: bool = setting(False, flag="--resume", action="store_true",
+                           help="keep the points already in DIR/frontier.json")
+    peers: bool | None = like(ShrinkConfig, "peers")
+    peers_dir: str | None = setting(None, flag="--peers-dir", metavar="DIR", help="folder of the official checkpoints")
+    max_eval_images: int | None = setting(None, flag="--max-eval-images", type=int, metavar="N",
+                                          help="at most N images per eval set")
+    runtime_trials: int = setting(1, flag="--runtime-trials", type=int, metavar="N", help="timed passes per model")
+    seed: int = setting(0, flag="--seed", type=int, metavar="N", help="seed of the calibration patches")
+    device: str = setting("cpu", flag="--device", help="cpu, cuda, cuda:1, ... or auto")
+    y_round: bool = setting(True, flag="--y-float", convert=inverted, action="store_true",
+                            help="PSNR-Y on unrounded luma")
+    progress: bool = like(ShrinkConfig, "progress")
     #: a user's network: see :class:`effsr.shrink.ShrinkConfig`
-    input_range: float | None = None
-    scale: int | None = None
-    weights_key: str | None = None
+    model_config: dict[str, Any] = like(ShrinkConfig, "model_config")
+    input_range: float | None = like(ShrinkConfig, "input_range")
+    scale: int | None = like(ShrinkConfig, "scale")
+    weights_key: str | None = like(ShrinkConfig, "weights_key")
 
-    def shrink_config(self, out: str) -> "ShrinkConfig":  # noqa: F821 - imported lazily
+    def shrink_config(self, out: str) -> ShrinkConfig:
         """The :class:`~effsr.shrink.ShrinkConfig` naming the same teacher, data and calibration."""
-        from .config import ShrinkConfig
-
         return ShrinkConfig(model=self.model, weights=self.weights, train_data=self.calib_data,
                             eval_data=list(self.eval_data), out=out, device=self.device,
                             max_eval_images=self.max_eval_images, peers=self.peers, peers_dir=self.peers_dir,
@@ -83,30 +110,33 @@ class FrontierConfig:
                             weights_key=self.weights_key)
 
     def validate(self) -> "FrontierConfig":
+        """Check every setting; returns self. A bad one raises :class:`~effsr.shrink.options.SettingError` (a
+        ``ValueError``) or ``SettingTypeError`` naming the argument; ``effsr frontier`` names the flag."""
         if not self.budgets:
-            raise ValueError("--budgets: give at least one fraction")
+            raise SettingError(f"{arg('budgets')}: give at least one fraction")
         for b in self.budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b < 1:
-                raise ValueError(f"--budgets: each fraction of the teacher's params must be in (0, 1), got {b!r}")
+                raise SettingError(f"{arg('budgets')}: each fraction of the teacher's params must be in (0, 1), "
+                                   f"got {b!r}")
         if not self.methods or any(m not in FRONTIER_METHODS for m in self.methods):
-            raise ValueError(f"--method: a comma-separated list from {', '.join(FRONTIER_METHODS)}, got "
-                             f"{','.join(map(str, self.methods))!r}")
+            raise SettingError(f"{arg('methods')}: {either('a list', 'a comma-separated list')} from "
+                               f"{', '.join(FRONTIER_METHODS)}, got {','.join(map(str, self.methods))!r}")
         if self.importance not in IMPORTANCES:
-            raise ValueError(f"--importance: unknown importance {self.importance!r}; choose from "
-                             f"{', '.join(IMPORTANCES)}")
+            raise SettingError(f"{arg('importance')}: unknown importance {self.importance!r}; choose from "
+                               f"{', '.join(IMPORTANCES)}")
         if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:
-            raise ValueError(f"--calib-images must be an int >= 1, got {self.calib_images!r}")
+            raise SettingError(f"{arg('calib_images')} must be an int >= 1, got {self.calib_images!r}")
         out = Path(self.out)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out: {self.out} exists and is not a directory")
+            raise SettingError(f"{arg('out')}: {self.out} exists and is not a directory")
         if (out / "frontier.json").is_file() and not self.resume:
-            raise ValueError(f"--out: {self.out} already holds a frontier; pass --resume to continue it or "
-                             "choose another folder")
+            raise SettingError(f"{arg('out')}: {self.out} already holds a frontier; pass "
+                               f"{either('resume=True', '--resume')} to continue it or choose another folder")
         # the rest (model, weights, data folders, device, out's parent) as effsr shrink checks them
         try:
             self.shrink_config(str(out / ".check")).validate()
-        except ValueError as err:
-            raise ValueError(str(err).replace("--train-data", "--calib-data")) from None
+        except (SettingError, SettingTypeError) as err:
+            raise err.renamed({"train_data": "calib_data"}) from None
         return self
 
     def fingerprint(self) -> str:
