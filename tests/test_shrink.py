@@ -230,12 +230,13 @@ def test_config_validate_names_the_argument(tmp_path):
 
 
 def test_ema_decay_keeps_the_fingerprints_of_earlier_runs_while_off():
-    """``--resume`` of a run written before ``ema_decay`` existed: the fingerprint with it off is the one that
-    code computed for the same settings (c3ef9d9a0f8e244b); turning it on changes it."""
+    """``--resume`` of a run written before ``ema_decay`` (and block refinement) existed: the fingerprint with
+    them off is the one that code computed for the same settings (c3ef9d9a0f8e244b); turning one on changes it."""
     cfg = ShrinkConfig(model="rfdn", weights="", train_data="default", eval_data=["default"], out="o",
-                       target_params=1000, method="tucker", steps=5)
+                       target_params=1000, method="tucker", steps=5, refine_steps=0)
     assert cfg.fingerprint() == "c3ef9d9a0f8e244b"
     assert cfg.fingerprint(exclude=("steps",)) == "cab01f95173cb6f8"
+    assert dataclasses.replace(cfg, refine_steps=200).fingerprint() != cfg.fingerprint()
     on = dataclasses.replace(cfg, ema_decay=0.999)
     assert on.fingerprint() != cfg.fingerprint() != dataclasses.replace(cfg, ema_decay=0.99).fingerprint()
 

@@ -158,17 +158,24 @@ def test_block_refinement_fits_the_pruned_blocks_keeps_a_gain_and_reloads(tiny, 
     assert ref["steps"] == 30 and ref["blocks"] == ["B1", "B2"] and not ref["skipped"]
     assert all(b["kept"] == (b["loss_after"] < b["loss_before"]) for b in ref["per_block"])
     assert any(b["kept"] for b in ref["per_block"])
+    # the convs after the blocks are solved again on the refined features; the head before them is not
+    assert ref["refit"]["layers"] == ["c.0", "LR_conv", "upsampler.0"]
     assert ref["kept"] == (ref["held_out_after"] > ref["held_out_before"])
     assert comp["held_out_psnr_y"] == (ref["held_out_after"] if ref["kept"] else ref["held_out_before"])
     assert "block refinement of 2 block(s), 30 steps each" in (out / "log.txt").read_text()
-    plain = _report(prune_run)["stages"]["compress"]
+    off = tiny["root"] / "prune0_unrefined"
+    assert cli.main(_argv(tiny, off, "--target-params", str(target), "--method", "prune", "--steps", "0",
+                          "--refine-steps", "0")) == 0
+    plain = _report(off)["stages"]["compress"]
     assert "refine" not in plain and plain["params"] == comp["params"]  # same structure, weights refined or not
+    assert plain["held_out_psnr_y"] == ref["held_out_before"]  # the refinement starts from the same student
     student = next(m for m in _report(out)["models"] if m["kind"] == "student")
     reloaded = load_student(out / "student.safetensors")
     again = inference.evaluate(reloaded, data.open_dataset(tiny["eval"]), progress=False)["psnr_y"]
     assert again == student["eval"]["eval"]["psnr_y"]
     if ref["kept"]:
-        assert student["eval"]["eval"]["psnr_y"] != _student_psnr(prune_run)
+        assert student["eval"]["eval"]["psnr_y"] != _student_psnr(off)
+    assert _report(prune_run)["stages"]["compress"]["refine"]["steps"] == 200  # on by default
 
 
 def test_block_output_channels_follow_the_pruning_history(tiny):

@@ -33,9 +33,10 @@ def by_params(monkeypatch):
     """``time_pair`` whose "milliseconds" are parameter counts (so a speed-up is a ratio of sizes)."""
     calls = []
 
-    def fake(teacher, student, x, trials=3, warmup=1):
+    def fake(teacher, student, x, trials=5, warmup=1):
         calls.append(tuple(x.shape))
-        return float(_params(teacher)), float(_params(student))
+        t, s = float(_params(teacher)), float(_params(student))
+        return t, s, t / s
 
     monkeypatch.setattr(speed, "time_pair", fake)
     return calls
@@ -138,3 +139,13 @@ def test_demo_with_a_speedup_budget(tmp_path, capsys, by_params):
     assert comp["chosen"] == "prune" and comp["runtime_budget"]["target_speedup"] == 1.8
     teacher, student = report["models"][0]["params"], report["models"][1]["params"]
     assert teacher / student >= 1.8 and student <= comp["runtime_budget"]["target_params"]
+
+
+def test_time_pair_takes_the_fastest_times_and_the_median_back_to_back_ratio(monkeypatch):
+    """Timings under changing load: teacher/student pairs timed back to back share the load, so the speed-up is
+    the median of the pairs' ratios (2.0 here) although the single times swing by 3x."""
+    times = iter([10.0, 5.0, 30.0, 15.0, 20.0, 10.0, 12.0, 3.0, 40.0, 40.0])  # ratios 2, 2, 2, 4, 1
+    monkeypatch.setattr(speed, "_ms", lambda model, x: next(times))
+    net = torch.nn.Conv2d(3, 3, 1)
+    t, s, ratio = speed.time_pair(net, net, torch.zeros(1, 3, 4, 4), trials=5, warmup=1)
+    assert (t, s, ratio) == (10.0, 3.0, 2.0)

@@ -358,11 +358,31 @@ def _conv_out(model: nn.Module, name: str) -> int:
     return int(w.shape[0]) if w is not None else int(getattr(m, "out_channels", 0))
 
 
+def _call_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> dict[str, int]:
+    """Position of each named module's first call in one forward pass of ``model`` on ``example``."""
+    order: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def pre(_m: nn.Module, _args: Any) -> None:
+            order.setdefault(name, len(order))
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in dict.fromkeys(names)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 def refine_blocks_of(model: nn.Module, teacher: nn.Module, calib: Any, steps: int, lr: float, seed: int,
                      progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`distill.local.refine_blocks` of a one-shot student's blocks on the calibration batches; returns the
     refined copy and what was done."""
     from distill.local import refine_blocks
+    from prune.core import HISTORY_ATTR, INPUT_SHAPE_ATTR
 
     example = calib.batches[0][:1]
     names = block_names(teacher, model, example)
@@ -371,7 +391,24 @@ def refine_blocks_of(model: nn.Module, teacher: nn.Module, calib: Any, steps: in
     chans = block_output_channels(teacher, model, names, example)
     refined, rep = refine_blocks(teacher, model, calib, names, channels=chans, steps=steps, lr=lr, seed=seed,
                                  progress=progress)
-    return refined.eval(), rep.to_dict()
+    info = rep.to_dict()
+    if getattr(model, HISTORY_ATTR, None) and any(b.kept for b in rep.blocks):
+        # the convs outside the blocks were solved for the unrefined features: solve them again on the refined
+        from prune.calibration import conv_units
+        from prune.reconstruct import reconstruct
+
+        units = conv_units(refined)
+        order = _call_order(refined, [*units, *names], example)
+        first_block = min(order.get(b, len(order)) for b in names)
+        outside = [n for n in units if not any(n == b or n.startswith(b + ".") for b in names)
+                   and order.get(n, -1) > first_block]  # after the blocks: the convs before them are unchanged
+        if outside:
+            for attr in (HISTORY_ATTR, INPUT_SHAPE_ATTR):  # the copy keeps the pruning history the solve reads
+                if hasattr(model, attr):
+                    setattr(refined, attr, getattr(model, attr))
+            fit = reconstruct(refined, teacher, calib, layers=outside, bias_compensation=False, progress=False)
+            info["refit"] = {"layers": [f.name for f in fit.layers], "seconds": round(fit.seconds, 3)}
+    return refined.eval(), info
 
 
 # ------------------------------------------------------------------------------------------ method choice
@@ -419,5 +456,5 @@ def runtime_target(cfg: Any, teacher: nn.Module, student: nn.Module, device: Any
 
     return params_for_runtime(teacher, student, _prune_at, MAX_PRUNE_RATIO, target_speedup=cfg.target_speedup,
                               target_runtime=cfg.target_runtime, size=tuple(cfg.runtime_size or RUNTIME_SIZE),
-                              input_range=model_input_range(teacher), trials=max(3, cfg.runtime_trials),
+                              input_range=model_input_range(teacher), trials=max(5, cfg.runtime_trials),
                               device=device, log=log, steps=SEARCH_STEPS if steps is None else steps)

@@ -31,8 +31,11 @@ DEFAULT_STEPS = 100
 TIME_BUDGET_STEPS = 1_000_000
 
 #: Adam steps per block of the one-shot students' block refinement (``--refine-steps``) and their lr.
-REFINE_STEPS = 0
+REFINE_STEPS = 200
 REFINE_LR = 1e-3
+#: Smallest held-out PSNR-Y gain (dB) for which the refined student replaces the one-shot one: measured on the
+#: official LightRLFN pruned to 67 %, +0.003 dB on the held-out patches came with -0.031 dB on Set5.
+REFINE_MIN_GAIN_DB = 0.01
 
 #: Learning-rate schedules of the distillation fine-tunes (``--lr-schedule``).
 LR_SCHEDULES = ("constant", "cosine")
