@@ -110,7 +110,8 @@ def test_shrink_end_to_end_and_reload(ntire, shared_data, entry, tmp_path, capsy
     code = cli.main(["shrink", *model_args(ntire, entry), "--train-data", str(shared_data / "t91"),
                      "--eval-data", str(shared_data / "set5"), "--max-eval-images", "1", "--max-train-images", "8",
                      "--calib-images", "8", "--calib-rows", "512", "--target-params", str(target), "--method", "prune",
-                     "--steps", "0", "--no-peers", "--runtime-trials", "1", "--no-progress", "--out", str(out)])
+                     "--steps", "0", "--refine-steps", "10", "--no-peers", "--runtime-trials", "1", "--no-progress",
+                     "--out", str(out)])
     _, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
