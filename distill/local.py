@@ -108,6 +108,16 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _run_until(model: nn.Module, handle: Any, x: Tensor) -> None:
+    """Run ``model`` on ``x`` until the hook behind ``handle`` raises :class:`_Stop`; then remove the hook."""
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
 def _capture_output(model: nn.Module, block: nn.Module, x: Tensor) -> Any:
     got: list[Any] = []
 
@@ -115,13 +125,7 @@ def _capture_output(model: nn.Module, block: nn.Module, x: Tensor) -> Any:
         got.append(out)
         raise _Stop
 
-    h = block.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
+    _run_until(model, block.register_forward_hook(hook), x)
     return got[0] if got else None
 
 
@@ -133,13 +137,7 @@ def _capture_input(model: nn.Module, block: nn.Module, x: Tensor) -> tuple[tuple
                     {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}))
         raise _Stop
 
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
+    _run_until(model, block.register_forward_pre_hook(hook, with_kwargs=True), x)
     return got[0] if got else None
 
 

@@ -12,10 +12,11 @@ Needs the ``export`` extra: ``pip install effsr[export]`` (onnx, onnxscript, onn
 """
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from effsr.lazy import lazy_exports
 
 #: public name -> the submodule that defines it (imported on first use: ``effsr export --help`` loads none).
 _EXPORTS = {
@@ -40,17 +41,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 class _Package(types.ModuleType):

@@ -14,8 +14,9 @@ CLI's parser) or ``effsr.shrink.recipe`` (reading a student) does not load the w
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from effsr.lazy import lazy_exports
 
 #: public name -> the submodule that defines it.
 _EXPORTS = {
@@ -42,14 +43,4 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on d
     from .verify import VerificationError, verify_same
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
