@@ -9,8 +9,11 @@ input range from ``networks.json``) and shrunk with :func:`effsr.shrink.run_shri
 integer Y). Configurations:
 
 * ``prune0`` / ``tucker0``: training-free (``--steps 0``), pruning + least-squares reconstruction and data-aware
-  Tucker-2;
-* ``distill10``: ``--method auto`` then distillation sized to about 10 minutes on 2 cores (``--steps``);
+  Tucker-2, then the default block refinement; ``*_norefine``: the same without block refinement;
+* ``distill10``: ``--method auto`` then a fixed number of distillation steps (``--steps``; 300 take 3-5 minutes
+  on 2 cores);
+* ``minutes10``: ``--method auto`` then ``--train-minutes 10``: distillation ends after 10 minutes of training
+  (``minutes10_norefine``: without block refinement; ``distill10`` is without it too);
 * ``export``: ``effsr export --int8`` of the teacher (percentile calibration on 32 T91 patches): the fp32 graph's
   verification error, whether it is dynamic in H/W (a refused network is exported again with ``--input-size 64
   64``, as the refusal says), and the INT8 drop and speed-up over fp32 ONNX.
@@ -47,7 +50,11 @@ FRACTION = 0.67
 CONFIGS: dict[str, dict] = {
     "prune0": {"method": "prune", "steps": 0},
     "tucker0": {"method": "tucker", "steps": 0},
-    "distill10": {"method": "auto", "steps": 400},
+    "prune0_norefine": {"method": "prune", "steps": 0, "refine_steps": 0},
+    "tucker0_norefine": {"method": "tucker", "steps": 0, "refine_steps": 0},
+    "distill10": {"method": "auto", "steps": 400, "refine_steps": 0},
+    "minutes10": {"method": "auto", "train_minutes": 10.0},
+    "minutes10_norefine": {"method": "auto", "train_minutes": 10.0, "refine_steps": 0},
     "export": {},
 }
 #: LR size of a fixed-size graph, for a network whose graph cannot be dynamic in H/W
@@ -114,7 +121,7 @@ def run_one(e: dict, config: str, data: Path, out_root: Path, threads: int, step
                                 input_range=named["input_range"], weights_key=named["weights_key"])
     n_teacher = sum(p.numel() for p in teacher.parameters())
     settings = dict(CONFIGS[config])
-    if steps is not None and settings["steps"]:
+    if steps is not None and settings.get("steps"):
         settings["steps"] = steps
     target = int(FRACTION * n_teacher)
     out = out_root / f"{e['name']}_{config}"
@@ -155,6 +162,10 @@ def run_one(e: dict, config: str, data: Path, out_root: Path, threads: int, step
         "runtime_ms_teacher": teacher_row["runtime_ms"], "runtime_ms_student": student["runtime_ms"],
         "speedup": round(teacher_row["runtime_ms"] / student["runtime_ms"], 3),
         "locked": _find(comp, "locked"),
+        "refine": {m: c.get("refine") and {k: v for k, v in c["refine"].items() if k != "per_block"}
+                   for m, c in comp.get("candidates", {}).items()},
+        "distill_steps": (dist.get("finetune") or {}).get("steps"),
+        "distill_seconds": (dist.get("finetune") or {}).get("seconds"),
         "feature_layers": {"pairs": (dist.get("finetune") or {}).get("pairs"),
                            "how": (dist.get("finetune") or {}).get("feature_layers")},
         "reload_set5": round(float(re5), 4), "reload_matches": abs(float(re5) - s5) < 1e-6,
@@ -200,7 +211,8 @@ def table(results: dict) -> str:
             elif r.get("error"):
                 cells.append(f"error: {r['error'][:60]}")
             else:
-                chosen = f" ({r['chosen']}, {r['settings']['steps']} steps)" if c == "distill10" else ""
+                steps = r.get("distill_steps", r["settings"].get("steps"))
+                chosen = f" ({r['chosen']}, {steps} steps)" if c.startswith(("distill", "minutes")) else ""
                 cells.append(f"{r['student_set5']:.3f} ({r['drop_db']:+.3f}){chosen}, {r['speedup']:.2f}x, "
                              f"{r['wall_seconds']:.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
