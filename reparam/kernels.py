@@ -10,7 +10,7 @@ treated as zeros). A *kernel pair* is ``(weight, bias)`` with a real bias tensor
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -182,6 +182,16 @@ def _check_ungrouped(groups: int, arg: str) -> None:
         raise ValueError(f"{arg}: only ungrouped convs (groups=1) compose exactly here, got groups={groups}")
 
 
+def _check_pointwise(weight: Tensor, stride: Any, padding: Any, name: str) -> None:
+    """``ValueError`` naming ``{name}``, ``{name}_stride`` or ``{name}_padding`` unless the conv is a 1x1 conv with
+    stride 1 that does not pad: one that acts on each pixel alone, so it composes exactly."""
+    _check_1x1(weight, name)
+    if _pair(stride, f"{name}_stride") != (1, 1):
+        raise ValueError(f"{name}_stride: the 1x1 conv must have stride 1 to compose, got {stride!r}")
+    if pads_input(padding, (1, 1)):
+        raise ValueError(f"{name}_padding: the 1x1 conv must not pad its input to compose, got {padding!r}")
+
+
 def compose_1x1_then_conv(
     first: tuple[Tensor, Tensor | None],
     second: tuple[Tensor, Tensor | None],
@@ -206,11 +216,7 @@ def compose_1x1_then_conv(
     """
     w1, b1 = first
     w2, _ = second
-    _check_1x1(w1, "first")
-    if _pair(first_stride, "first_stride") != (1, 1):
-        raise ValueError(f"first_stride: the 1x1 conv must have stride 1 to compose, got {first_stride!r}")
-    if pads_input(first_padding, (1, 1)):
-        raise ValueError(f"first_padding: the 1x1 conv must not pad its input to compose, got {first_padding!r}")
+    _check_pointwise(w1, first_stride, first_padding, "first")
     _check_ungrouped(first_groups, "first_groups")
     _check_ungrouped(second_groups, "second_groups")
     if second_padding_mode not in _PADDING_MODES:
@@ -240,11 +246,7 @@ def compose_conv_then_1x1(
     conv acts on each output pixel of ``first`` separately, so it passes through ``first``'s sum, border and
     padding included. Anything else raises ``ValueError`` naming the argument.
     """
-    _check_1x1(second[0], "second")
-    if _pair(second_stride, "second_stride") != (1, 1):
-        raise ValueError(f"second_stride: the 1x1 conv must have stride 1 to compose, got {second_stride!r}")
-    if pads_input(second_padding, (1, 1)):
-        raise ValueError(f"second_padding: the 1x1 conv must not pad its input to compose, got {second_padding!r}")
+    _check_pointwise(second[0], second_stride, second_padding, "second")
     _check_ungrouped(first_groups, "first_groups")
     _check_ungrouped(second_groups, "second_groups")
     return merge_sequential(first, second)
