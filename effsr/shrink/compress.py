@@ -328,26 +328,14 @@ def block_output_channels(teacher: nn.Module, student: nn.Module, blocks: Sequen
     if not history:
         return {}
     keep = kept_channels(teacher, history, example)
-    order: list[str] = []
     widths: dict[str, int] = {}
-    handles = []
-    for name, m in student.named_modules():
-        if name in keep:
-            handles.append(m.register_forward_hook(lambda _m, _i, _o, _n=name: order.append(_n)))
-    for b in blocks:
-        handles.append(student.get_submodule(b).register_forward_hook(
-            lambda _m, _i, out, _b=b: widths.__setitem__(_b, out.shape[1]) if isinstance(out, torch.Tensor) else None))
-    try:
-        with torch.no_grad():
-            student.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
-    t_widths = {b: teacher.get_submodule(b) for b in blocks}
+    have = dict(student.named_modules())
+    order = _call_order(student, [n for n in keep if n in have], example, widths_of=blocks, widths=widths)
+    ran = sorted(order, key=order.__getitem__)
     out: dict[str, list[int]] = {}
     for b in blocks:
-        inside = [n for n in order if n.startswith(b + ".") and len(keep[n][0]) == widths.get(b)]
-        if inside and t_widths[b] is not None and len(keep[inside[-1]][0]) < _conv_out(teacher, inside[-1]):
+        inside = [n for n in ran if n.startswith(b + ".") and len(keep[n][0]) == widths.get(b)]
+        if inside and len(keep[inside[-1]][0]) < _conv_out(teacher, inside[-1]):
             out[b] = list(keep[inside[-1]][0])
     return out
 
@@ -358,8 +346,10 @@ def _conv_out(model: nn.Module, name: str) -> int:
     return int(w.shape[0]) if w is not None else int(getattr(m, "out_channels", 0))
 
 
-def _call_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> dict[str, int]:
-    """Position of each named module's first call in one forward pass of ``model`` on ``example``."""
+def _call_order(model: nn.Module, names: Sequence[str], example: torch.Tensor, widths_of: Sequence[str] = (),
+                widths: dict[str, int] | None = None) -> dict[str, int]:
+    """Position of each named module's first call in one forward pass of ``model`` on ``example``; the same pass
+    puts the output channels of the modules ``widths_of`` (those returning one tensor) into ``widths``."""
     order: dict[str, int] = {}
 
     def hook(name: str) -> Any:
@@ -367,7 +357,14 @@ def _call_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -
             order.setdefault(name, len(order))
         return pre
 
+    def width(name: str) -> Any:
+        def post(_m: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and widths is not None:
+                widths[name] = int(out.shape[1])
+        return post
+
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in dict.fromkeys(names)]
+    handles += [model.get_submodule(n).register_forward_hook(width(n)) for n in widths_of]
     try:
         with torch.no_grad():
             model.eval()(example)
@@ -382,7 +379,7 @@ def refine_blocks_of(model: nn.Module, teacher: nn.Module, calib: Any, steps: in
     """:func:`distill.local.refine_blocks` of a one-shot student's blocks on the calibration batches; returns the
     refined copy and what was done."""
     from distill.local import refine_blocks
-    from prune.core import HISTORY_ATTR, INPUT_SHAPE_ATTR
+    from prune.core import HISTORY_ATTR
 
     example = calib.batches[0][:1]
     names = block_names(teacher, model, example)
@@ -402,10 +399,7 @@ def refine_blocks_of(model: nn.Module, teacher: nn.Module, calib: Any, steps: in
         first_block = min(order.get(b, len(order)) for b in names)
         outside = [n for n in units if not any(n == b or n.startswith(b + ".") for b in names)
                    and order.get(n, -1) > first_block]  # after the blocks: the convs before them are unchanged
-        if outside:
-            for attr in (HISTORY_ATTR, INPUT_SHAPE_ATTR):  # the copy keeps the pruning history the solve reads
-                if hasattr(model, attr):
-                    setattr(refined, attr, getattr(model, attr))
+        if outside:  # the refined copy carries the pruning history the solve reads (deepcopy keeps it)
             fit = reconstruct(refined, teacher, calib, layers=outside, bias_compensation=False, progress=False)
             info["refit"] = {"layers": [f.name for f in fit.layers], "seconds": round(fit.seconds, 3)}
     return refined.eval(), info
