@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["RUNTIME_SIZE", "time_pair", "params_for_runtime", "check_runtime_budget"]
+__all__ = ["RUNTIME_SIZE", "timing_input", "time_pair", "params_for_runtime", "check_runtime_budget"]
 
 #: LR input (height, width) of the runtime budget's timings when ``--runtime-size`` is not given.
 RUNTIME_SIZE = (256, 256)
@@ -41,6 +41,12 @@ def _ms(model: nn.Module, x: torch.Tensor) -> float:
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return (time.perf_counter() - t0) * 1e3
+
+
+def timing_input(size: Any, input_range: float, device: torch.device | str) -> torch.Tensor:
+    """The one LR input every runtime-budget timing uses: a seeded random ``1 x 3 x H x W`` image in the range."""
+    return (torch.rand(1, 3, int(size[0]), int(size[1]), generator=torch.Generator().manual_seed(0))
+            * float(input_range)).to(device)
 
 
 @torch.no_grad()
@@ -91,8 +97,7 @@ def params_for_runtime(teacher: nn.Module, student: nn.Module, prune_at: Callabl
     if (target_speedup is None) == (target_runtime is None):
         raise ValueError("give exactly one of --target-speedup or --target-runtime")
     dev = torch.device(device)
-    x = (torch.rand(1, 3, int(size[0]), int(size[1]), generator=torch.Generator().manual_seed(0))
-         * float(input_range)).to(dev)
+    x = timing_input(size, input_range, dev)
     teacher = teacher.to(dev).eval()
     arg = "--target-speedup" if target_speedup is not None else "--target-runtime"
     where = f"{dev.type} ({torch.get_num_threads()} threads)" if dev.type == "cpu" else str(dev)

@@ -290,11 +290,9 @@ def stage_compress(state: RunState) -> dict[str, Any]:
 
 def _timed_student(state: RunState, model: nn.Module, timed: dict[str, Any]) -> dict[str, Any]:
     """The runtime budget's search and the finished student timed beside its teacher (same input and device)."""
-    from .speed import time_pair
+    from .speed import time_pair, timing_input
 
-    size = timed["size"]
-    x = (torch.rand(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(0))
-         * model_input_range(state.teacher)).to(state.device)
+    x = timing_input(timed["size"], model_input_range(state.teacher), state.device)
     t_ms, s_ms, speedup = time_pair(state.teacher.to(state.device), model.to(state.device), x,
                                     trials=timed["trials"])
     cfg = state.cfg
